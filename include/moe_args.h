@@ -1,0 +1,26 @@
+/*
+ * moe_args.h - strict parsing of numeric command-line values.
+ *
+ * Each parser rejects empty text, trailing characters, and values outside
+ * [min, max] with -EINVAL and a message of the form
+ *   invalid --flag value 'text': expected an integer from MIN to MAX
+ */
+#ifndef MOE_ARGS_H
+#define MOE_ARGS_H
+
+#include <stdint.h>
+
+int moe_parse_int64(const char *flag, const char *text, int64_t min,
+                    int64_t max, int64_t *value);
+
+int moe_parse_uint64(const char *flag, const char *text, uint64_t *value);
+
+/* A byte size: digits with an optional K, M or G suffix (powers of 1024). */
+int moe_parse_bytes(const char *flag, const char *text, uint64_t min,
+                    uint64_t max, uint64_t *value);
+
+/* A finite decimal number in [min, max]. */
+int moe_parse_double(const char *flag, const char *text, double min,
+                     double max, double *value);
+
+#endif

@@ -1,0 +1,33 @@
+/*
+ * moe_bench.h - `moe-ep bench`: the layer's forward time and the
+ * all-to-all bandwidth, each next to a floor measured in the same run.
+ */
+#ifndef MOE_BENCH_H
+#define MOE_BENCH_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+struct moe_bench_options {
+    int ranks;                  /* ranks for the prefill forward [2] */
+    int64_t tokens;             /* prefill tokens [4096] */
+    int64_t hidden, ffn, experts, top_k; /* [1024, 1024, 16, 2] */
+    int repeats;                /* timed repetitions per figure [5] */
+    uint64_t ring_bytes;        /* ring size [64K] */
+    const char *markdown_path;  /* write the report here too, or NULL */
+    int quick;                  /* smaller shapes, for tests */
+};
+
+void moe_bench_options_default(struct moe_bench_options *options);
+
+/* Parses the `bench` options. Returns 0, 1 for --help, or -EINVAL with a
+ * message naming the flag and the value. */
+int moe_bench_parse(struct moe_bench_options *options, int argc, char **argv);
+
+void moe_bench_usage(FILE *out);
+
+/* Runs every measurement, prints the report to `out` as Markdown, and writes
+ * it to options->markdown_path when set. Returns 0 or a negative error. */
+int moe_bench(const struct moe_bench_options *options, FILE *out);
+
+#endif

@@ -1,0 +1,67 @@
+/*
+ * moe_dist.h - the expert-parallel forward of one rank, and the run area it
+ * shares with the launcher.
+ *
+ * Each rank owns a contiguous block of tokens and a contiguous block of
+ * experts (moe_block_range). One forward is five steps:
+ *   route     gate logits, softmax and top-k for the rank's own tokens
+ *   layout    all-gather of the (E) count of rows each rank sends to each
+ *             expert, so every rank knows the full (R, E) layout
+ *   dispatch  all-to-all of the token rows, then a local reorder so that
+ *             each owned expert's rows are in global token order
+ *   compute   one SwiGLU call per owned expert over all of its rows
+ *   combine   the reverse all-to-all, then the weighted sum per token
+ * A rank that owns no expert, or has no token, still takes part in every
+ * collective.
+ */
+#ifndef MOE_DIST_H
+#define MOE_DIST_H
+
+#include "moe_comm.h"
+#include "moe_layer.h"
+
+#define MOE_RUN_AREA_MAGIC 0x4e5552455045454dULL /* "MEEPERUN" read as bytes */
+
+/* The app area of a `moe-ep run` segment: a small header, then the arrays
+ * at the offsets it gives (bytes from the start of the area). */
+struct moe_run_area {
+    uint64_t magic;
+    struct moe_shape shape;
+    int64_t ranks;
+    uint64_t output_offset; /* float (T, H): the layer output, each rank
+                               writes its own token rows */
+    uint64_t counts_offset; /* int64 (R, E): rows rank r routed to expert e,
+                               each rank writes its own row */
+    uint64_t area_bytes;
+};
+
+/* Bytes the run area needs for this shape and rank count, or 0 when that
+ * overflows. */
+uint64_t moe_run_area_bytes(const struct moe_shape *shape, int ranks);
+
+/* Lays out the run area at `area`. */
+void moe_run_area_init(void *area, const struct moe_shape *shape, int ranks);
+
+static inline float *moe_run_area_output(void *area)
+{
+    return (float *)((char *)area + ((struct moe_run_area *)area)->output_offset);
+}
+
+static inline int64_t *moe_run_area_counts(void *area)
+{
+    return (int64_t *)((char *)area + ((struct moe_run_area *)area)->counts_offset);
+}
+
+/* Inputs every rank reads; they live in the launcher's memory and reach the
+ * ranks through fork. */
+struct moe_dist_input {
+    const struct moe_weights *weights;
+    const float *tokens; /* (T, H), the whole batch */
+};
+
+/* Rank entry point for moe_launch: runs one forward of the layer and writes
+ * this rank's rows of the output and of the counts into the run area. `arg`
+ * is a struct moe_dist_input. Returns 0 or a negative error code. */
+int moe_dist_rank_main(struct moe_comm *comm, void *arg);
+
+#endif

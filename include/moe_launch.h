@@ -1,0 +1,86 @@
+/*
+ * moe_launch.h - the launcher: one shared segment, R forked rank processes,
+ * and the supervision that makes sure none of them is left behind.
+ *
+ * Lifecycle, all in the calling (launcher) process:
+ *   moe_launch_create()  shm_open(O_CREAT|O_EXCL, 0600) under an
+ *                        unpredictable name, size, map and lay out the
+ *                        segment. The caller then fills the app area.
+ *   moe_launch_run()     fork R ranks and wait for all of them. Each rank
+ *                        maps the segment by name, validates the header,
+ *                        attaches its rings and calls rank_main. The name is
+ *                        unlinked as soon as every rank has attached.
+ *   moe_launch_destroy() unmap, and unlink the name if it still exists.
+ *
+ * Ranks inherit the launcher's private memory through fork (read-only by
+ * convention: weights and input tokens); everything they exchange goes
+ * through the segment.
+ *
+ * Failure: when a rank exits non-zero or dies from a signal, the launcher
+ * sets the abort flag, which wakes every waiting rank; ranks still alive
+ * after a 2-second grace period are killed with SIGKILL. SIGINT and SIGTERM
+ * to the launcher do the same and are reported in the result. Ranks die
+ * with the launcher (PR_SET_PDEATHSIG) if it is killed outright.
+ */
+#ifndef MOE_LAUNCH_H
+#define MOE_LAUNCH_H
+
+#include "moe_comm.h"
+
+#include <sys/types.h>
+
+/* Exit status of a rank that stopped because another rank failed. */
+#define MOE_RANK_EXIT_ABORTED 4
+/* Exit status of a rank that failed; its message is in its slot. */
+#define MOE_RANK_EXIT_FAILED 3
+
+struct moe_launch_config {
+    int ranks;              /* R, 1 to MOE_MAX_RANKS */
+    uint64_t ring_capacity; /* data bytes per ring, a power of two */
+    uint64_t app_bytes;     /* size of the app area */
+    int64_t timeout_ns;     /* per-wait deadline with no progress */
+    /* Runs in each rank process. Returns 0 or a negative error code with a
+     * message recorded through moe_fail(). */
+    int (*rank_main)(struct moe_comm *comm, void *arg);
+    void *arg;
+};
+
+/* What happened to one rank. */
+struct moe_rank_outcome {
+    pid_t pid;
+    int exit_status; /* valid when signal == 0 */
+    int signal;      /* the signal that killed it, or 0 */
+    int step;        /* enum moe_step the rank was in at the end */
+};
+
+struct moe_launch {
+    struct moe_launch_config config;
+    char name[64];                      /* shm name, "/moe-ep-PID-RANDOM" */
+    int name_linked;                    /* the name still exists */
+    struct moe_segment_header *segment; /* launcher's mapping */
+    struct moe_rank_outcome outcome[MOE_MAX_RANKS];
+    int failed_rank;       /* first rank that failed, or -1 */
+    int launcher_signal;   /* SIGINT or SIGTERM received, or 0 */
+    int64_t elapsed_ns;    /* from the first fork to the last exit */
+};
+
+/* Creates and lays out the segment. Returns 0, -EINVAL for a bad config,
+ * or -errno. On failure nothing is left in /dev/shm. */
+int moe_launch_create(struct moe_launch *launch,
+                      const struct moe_launch_config *config);
+
+/* Forks the ranks and waits for all of them. Returns 0 when every rank
+ * exited with status 0; -ECANCELED when a rank failed or the launcher got
+ * SIGINT/SIGTERM (details in launch->outcome, failed_rank and
+ * launcher_signal); -errno when fork fails. */
+int moe_launch_run(struct moe_launch *launch);
+
+/* Unmaps the segment and unlinks its name if it still exists. */
+void moe_launch_destroy(struct moe_launch *launch);
+
+/* Formats what happened to `rank` ("killed by signal 9 (Killed) in
+ * dispatch", or its error message) into buf. */
+void moe_launch_describe(const struct moe_launch *launch, int rank, char *buf,
+                         size_t size);
+
+#endif

@@ -1,0 +1,80 @@
+/*
+ * moe_run.h - the `moe-ep run` job: options, the distributed forward, the
+ * golden check, and the printed report.
+ */
+#ifndef MOE_RUN_H
+#define MOE_RUN_H
+
+#include "moe_launch.h"
+#include "moe_layer.h"
+
+#include <stdint.h>
+#include <stdio.h>
+
+struct moe_run_options {
+    struct moe_shape shape;
+    int ranks;                /* R */
+    uint64_t seed;            /* draws the weights and the tokens */
+    const char *input_path;   /* .npy (T, H) float32 tokens, or NULL */
+    const char *output_path;  /* .npy file for the output, or NULL */
+    double timeout_seconds;   /* per-wait deadline with no progress */
+    uint64_t ring_bytes;      /* data bytes per ring */
+    int tokens_given;         /* --tokens was on the command line */
+    int hidden_given;         /* --hidden was on the command line */
+};
+
+/* Fills the built-in defaults: 4 ranks and a Mixtral-like shape scaled down
+ * to run in well under a second. */
+void moe_run_options_default(struct moe_run_options *options);
+
+/* Parses the `run` options in argv[0..argc) into `options`. Returns 0, 1
+ * when --help was given, or -EINVAL with a message that names the flag, the
+ * value and the reason. */
+int moe_run_parse(struct moe_run_options *options, int argc, char **argv);
+
+/* Prints the `run` help text. */
+void moe_run_usage(FILE *out);
+
+/* Outcome of a bitwise comparison. */
+struct moe_compare {
+    int equal;            /* every bit equal */
+    int64_t mismatches;   /* elements whose bits differ */
+    int64_t first;        /* index of the first differing element, or -1 */
+    float actual, expected; /* values at `first` */
+    double max_abs_diff;  /* over all elements, ignoring NaN pairs */
+};
+
+/* Compares `count` floats bit for bit (memcmp semantics per element). */
+void moe_compare_bits(const float *actual, const float *expected, int64_t count,
+                      struct moe_compare *result);
+
+/* Everything `moe-ep run` measured, for the report. */
+struct moe_run_result {
+    struct moe_run_options options;
+    float *output;        /* (T, H), gathered from the ranks */
+    float *golden;        /* (T, H) */
+    int64_t *counts;      /* (R, E): rows rank r sent to expert e */
+    uint64_t step_ns[MOE_MAX_RANKS][MOE_STEP_COUNT];
+    uint64_t wait_ns[MOE_MAX_RANKS][MOE_STEP_COUNT];
+    int64_t forward_ns;   /* launch to last rank exit */
+    int64_t golden_ns;
+    struct moe_compare check;
+    /* Set when the ranks failed: the launcher's view and one line per
+     * failed rank. */
+    int launcher_signal;
+    char failure[MOE_MAX_RANKS][MOE_ERROR_TEXT_BYTES + 64];
+    int failures;
+};
+
+/* Runs the layer on R ranks and checks it against the golden path.
+ * Returns 0 when the check ran (see result->check), -EINVAL for bad input,
+ * -ECANCELED when ranks failed or the launcher was interrupted, or another
+ * negative error. */
+int moe_run(const struct moe_run_options *options, struct moe_run_result *result);
+void moe_run_result_free(struct moe_run_result *result);
+
+/* Prints the report: configuration, tokens per expert and rank, traffic
+ * matrix, step times per rank, and the golden check last. */
+void moe_run_print_report(FILE *out, const struct moe_run_result *result);
+
+#endif

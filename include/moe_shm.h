@@ -1,0 +1,137 @@
+/*
+ * moe_shm.h - the shared-memory segment every rank of one run maps, and the
+ * doorbells ranks sleep on.
+ *
+ * Segment layout (all positions are byte offsets from the segment start,
+ * never pointers, because each process maps the segment at its own address):
+ *
+ *   header        struct moe_segment_header, validated by every rank
+ *   rank slots    R x struct moe_rank_slot: doorbell, current step, stats
+ *   rings         R x R rings; ring (src, dst) is at
+ *                 rings_offset + (src * R + dst) * ring_stride
+ *   app area      app_bytes owned by the program that launched the run
+ *
+ * The segment is created by the launcher (moe_launch.h) and is sized once;
+ * nothing in it is resized or freed while ranks run. Pages of rings that
+ * are never used are never touched, so a large R costs address space, not
+ * memory.
+ */
+#ifndef MOE_SHM_H
+#define MOE_SHM_H
+
+#include "moe_ring.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+#define MOE_SEGMENT_MAGIC 0x4d48535045454f4dULL /* "MOEEPSHM" read as bytes */
+#define MOE_SEGMENT_VERSION 1
+#define MOE_MAX_RANKS 64
+#define MOE_ERROR_TEXT_BYTES 320
+
+/* The steps of one forward, recorded in each rank's slot so that a timeout
+ * or a death can be reported with the step it happened in. */
+enum moe_step {
+    MOE_STEP_START,
+    MOE_STEP_ROUTE,
+    MOE_STEP_LAYOUT,
+    MOE_STEP_DISPATCH,
+    MOE_STEP_COMPUTE,
+    MOE_STEP_COMBINE,
+    MOE_STEP_DONE,
+    MOE_STEP_COUNT
+};
+
+/* Returns the step's name as used in messages ("dispatch"). */
+const char *moe_step_name(int step);
+
+struct moe_segment_header {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t header_bytes;   /* sizeof(struct moe_segment_header) */
+    uint64_t segment_bytes;  /* total size, checked against fstat */
+    uint32_t ranks;          /* R */
+    uint32_t slot_bytes;     /* sizeof(struct moe_rank_slot) */
+    uint64_t ring_capacity;  /* data bytes of each ring */
+    uint64_t ring_stride;    /* bytes between consecutive rings */
+    uint64_t slots_offset;
+    uint64_t rings_offset;
+    uint64_t app_offset;
+    uint64_t app_bytes;
+    int64_t launcher_pid;
+    int64_t timeout_ns;      /* a wait with no progress for this long fails */
+
+    /* Set to 1 by the launcher or by a failing rank, then every doorbell is
+     * rung. Waiters check it after every wake-up. */
+    alignas(MOE_CACHE_LINE) _Atomic uint32_t abort_flag;
+    /* Ranks that have attached and validated the header. */
+    _Atomic uint32_t attached;
+};
+
+struct moe_rank_slot {
+    /* Futex word, incremented (seq_cst) by every peer that gives this rank
+     * something to do: a record in one of its incoming rings, room in one
+     * of its outgoing rings, or an abort. */
+    alignas(MOE_CACHE_LINE) _Atomic uint32_t doorbell;
+    /* Number of waiters about to sleep on the doorbell; a peer calls
+     * futex_wake only when it is non-zero. */
+    _Atomic uint32_t sleepers;
+
+    /* Written by the owning rank only, read by the launcher. */
+    alignas(MOE_CACHE_LINE) _Atomic int32_t step; /* enum moe_step */
+    int32_t pid;
+    uint64_t step_ns[MOE_STEP_COUNT]; /* time spent in each step */
+    uint64_t wait_ns[MOE_STEP_COUNT]; /* of which waiting on peers */
+    char error[MOE_ERROR_TEXT_BYTES]; /* why the rank failed, if it did */
+};
+
+static_assert(sizeof(struct moe_rank_slot) % MOE_CACHE_LINE == 0,
+              "rank slots must not share cache lines");
+
+/* Computes the segment layout for R ranks. Returns 0 or -EINVAL when a size
+ * overflows. */
+int moe_segment_layout(struct moe_segment_header *header, int ranks,
+                       uint64_t ring_capacity, uint64_t app_bytes);
+
+/* Validates a mapped header against the size of the mapping and the rank
+ * count the caller expects. Returns 0 or -EPROTO naming the field. */
+int moe_segment_validate(const struct moe_segment_header *header,
+                         uint64_t mapped_bytes, int expected_ranks);
+
+static inline struct moe_rank_slot *moe_segment_slot(struct moe_segment_header *h,
+                                                     int rank)
+{
+    return (struct moe_rank_slot *)((uint8_t *)h + h->slots_offset) + rank;
+}
+
+static inline void *moe_segment_ring(struct moe_segment_header *h, int src,
+                                     int dst)
+{
+    return (uint8_t *)h + h->rings_offset +
+           ((uint64_t)src * h->ranks + (uint64_t)dst) * h->ring_stride;
+}
+
+static inline void *moe_segment_app(struct moe_segment_header *h)
+{
+    return (uint8_t *)h + h->app_offset;
+}
+
+/* Wakes `rank`: bumps its doorbell and, if it may be asleep, wakes it. */
+void moe_doorbell_ring(struct moe_segment_header *h, int rank);
+
+/* Sets the abort flag and rings every doorbell. */
+void moe_segment_abort(struct moe_segment_header *h);
+
+/* Monotonic clock in nanoseconds; every rank reads the same clock. */
+int64_t moe_now_ns(void);
+
+/* Waits until `rank`'s doorbell differs from `seen`: a short spin, then a
+ * futex sleep in slices of at most 50 ms. Returns 0 when the doorbell moved
+ * (or a slice ended, so the caller re-checks its condition), -ECANCELED when
+ * the abort flag is set or the launcher has died, and -ETIMEDOUT once
+ * `deadline_ns` has passed. It never burns a whole time slice spinning, so a
+ * peer sharing the core can run. */
+int moe_doorbell_wait(struct moe_segment_header *h, int rank, uint32_t seen,
+                      int64_t deadline_ns);
+
+#endif

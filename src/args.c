@@ -1,0 +1,76 @@
+/*
+ * args.c - numeric option parsing with range checks; see moe_args.h.
+ */
+#include "moe_args.h"
+#include "moe_error.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+
+int moe_parse_int64(const char *flag, const char *text, int64_t min,
+                    int64_t max, int64_t *value)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (end == text || *end != '\0' || isspace((unsigned char)text[0]) ||
+        errno == ERANGE || v < min || v > max)
+        return moe_fail(-EINVAL, "invalid %s value '%s': expected an integer "
+                        "from %" PRId64 " to %" PRId64, flag, text, min, max);
+    *value = v;
+    return 0;
+}
+
+int moe_parse_uint64(const char *flag, const char *text, uint64_t *value)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (end == text || *end != '\0' || !isdigit((unsigned char)text[0]) ||
+        errno == ERANGE)
+        return moe_fail(-EINVAL, "invalid %s value '%s': expected an integer "
+                        "from 0 to %" PRIu64, flag, text, UINT64_MAX);
+    *value = v;
+    return 0;
+}
+
+int moe_parse_bytes(const char *flag, const char *text, uint64_t min,
+                    uint64_t max, uint64_t *value)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    int shift = 0;
+    if (*end == 'K' || *end == 'k')
+        shift = 10;
+    else if (*end == 'M' || *end == 'm')
+        shift = 20;
+    else if (*end == 'G' || *end == 'g')
+        shift = 30;
+    const char *rest = shift ? end + 1 : end;
+    if (end == text || !isdigit((unsigned char)text[0]) || *rest != '\0' ||
+        errno == ERANGE || v > (UINT64_MAX >> shift) ||
+        (v << shift) < min || (v << shift) > max)
+        return moe_fail(-EINVAL, "invalid %s value '%s': expected a size from "
+                        "%" PRIu64 " to %" PRIu64 " bytes, optionally with a "
+                        "K, M or G suffix", flag, text, min, max);
+    *value = (uint64_t)v << shift;
+    return 0;
+}
+
+int moe_parse_double(const char *flag, const char *text, double min,
+                     double max, double *value)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(text, &end);
+    if (end == text || *end != '\0' || isspace((unsigned char)text[0]) ||
+        errno == ERANGE || !isfinite(v) || v < min || v > max)
+        return moe_fail(-EINVAL, "invalid %s value '%s': expected a number "
+                        "from %g to %g", flag, text, min, max);
+    *value = v;
+    return 0;
+}

@@ -1,0 +1,343 @@
+/*
+ * dist.c - one rank's expert-parallel forward; see moe_dist.h for the steps.
+ *
+ * Runs in each rank process. Reads the weights and its token block from
+ * memory inherited from the launcher, exchanges rows only through the rings,
+ * and writes its output rows and its routing counts into the run area.
+ *
+ * Row orders, which are what make the output bitwise equal to the golden
+ * path:
+ *   send buffer   this rank's assignments sorted by (expert, token). Experts
+ *                 of one destination are contiguous, so this is also
+ *                 destination-major, and the block for rank d is one range.
+ *   receive buf   source-major, and within one source expert-major in token
+ *                 order (the sender's order).
+ *   expert input  expert-major; within an expert, sources in rank order.
+ *                 Sources own increasing token blocks, so the rows are in
+ *                 global token order, exactly as moe_golden_forward builds
+ *                 them.
+ * Combine runs the same exchange backwards with the same counts, so the
+ * returned rows land in send-buffer order and map back to (token, slot).
+ */
+#include "moe_dist.h"
+#include "moe_error.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t align64(uint64_t v)
+{
+    return (v + 63) & ~(uint64_t)63;
+}
+
+uint64_t moe_run_area_bytes(const struct moe_shape *shape, int ranks)
+{
+    uint64_t output = (uint64_t)shape->tokens * (uint64_t)shape->hidden;
+    if (shape->hidden != 0 && output / (uint64_t)shape->hidden != (uint64_t)shape->tokens)
+        return 0;
+    if (output > (UINT64_MAX / 8) / sizeof(float))
+        return 0;
+    uint64_t counts = (uint64_t)ranks * (uint64_t)shape->experts * sizeof(int64_t);
+    return align64(sizeof(struct moe_run_area)) + align64(output * sizeof(float)) +
+           align64(counts);
+}
+
+void moe_run_area_init(void *area, const struct moe_shape *shape, int ranks)
+{
+    struct moe_run_area *a = area;
+    a->magic = MOE_RUN_AREA_MAGIC;
+    a->shape = *shape;
+    a->ranks = ranks;
+    a->output_offset = align64(sizeof *a);
+    a->counts_offset = a->output_offset +
+                       align64((uint64_t)shape->tokens * (uint64_t)shape->hidden *
+                               sizeof(float));
+    a->area_bytes = moe_run_area_bytes(shape, ranks);
+}
+
+/* Per-rank working state of one forward. */
+struct rank_forward {
+    struct moe_comm *comm;
+    struct moe_rank_slot *slot;
+    int64_t step_start_ns;
+
+    int64_t token_first, tokens;   /* this rank's token block */
+    int64_t expert_first, experts; /* this rank's expert block */
+
+    float *logits;       /* (tokens, E) */
+    float *probs;        /* (tokens, E) */
+    int32_t *ids;        /* (tokens, K) */
+    float *weights;      /* (tokens, K) */
+    int64_t *counts;     /* (E): rows this rank sends to each expert */
+    int64_t *all_counts; /* (R, E): every rank's counts */
+    int64_t *order;      /* (tokens * K): send row i is slot order[i] */
+    float *send_rows;    /* (tokens * K, H) */
+    float *recv_rows;    /* (received, H), source-major */
+    float *expert_in;    /* (received, H), expert-major */
+    float *expert_out;   /* (received, H), expert-major */
+    float *scratch;
+    const float **slot_rows; /* (tokens * K) */
+    uint64_t *table;     /* 6 x (R): byte counts and offsets */
+};
+
+static void begin_step(struct rank_forward *f, int step)
+{
+    moe_comm_set_step(f->comm, step);
+    atomic_store_explicit(&f->slot->step, step, memory_order_release);
+    f->step_start_ns = moe_now_ns();
+}
+
+static void end_step(struct rank_forward *f, int step)
+{
+    f->slot->step_ns[step] = (uint64_t)(moe_now_ns() - f->step_start_ns);
+    f->slot->wait_ns[step] = f->comm->wait_ns[step];
+}
+
+static void free_forward(struct rank_forward *f)
+{
+    free(f->logits);
+    free(f->probs);
+    free(f->ids);
+    free(f->weights);
+    free(f->counts);
+    free(f->all_counts);
+    free(f->order);
+    free(f->send_rows);
+    free(f->recv_rows);
+    free(f->expert_in);
+    free(f->expert_out);
+    free(f->scratch);
+    free(f->slot_rows);
+    free(f->table);
+}
+
+/* Checks the counts rank s announced: each expert gets at most one row per
+ * token of s, and the rows add up to tokens(s) * K. */
+static int validate_layout(const struct rank_forward *f, const struct moe_shape *s)
+{
+    int R = f->comm->ranks;
+    for (int src = 0; src < R; src++) {
+        int64_t first, tokens, sum = 0;
+        moe_block_range(s->tokens, R, src, &first, &tokens);
+        for (int64_t e = 0; e < s->experts; e++) {
+            int64_t c = f->all_counts[src * s->experts + e];
+            if (c < 0 || c > tokens)
+                return moe_fail(-EPROTO, "rank %d: rank %d announced %" PRId64
+                                " rows for expert %" PRId64 ", but it has only %"
+                                PRId64 " tokens", f->comm->rank, src, c, e, tokens);
+            sum += c;
+        }
+        if (sum != tokens * s->top_k)
+            return moe_fail(-EPROTO, "rank %d: rank %d announced %" PRId64
+                            " rows in all, expected %" PRId64 " tokens x top-k %"
+                            PRId64, f->comm->rank, src, sum, tokens, s->top_k);
+    }
+    return 0;
+}
+
+static int route(struct rank_forward *f, const struct moe_dist_input *in)
+{
+    const struct moe_shape *s = &in->weights->shape;
+    int64_t H = s->hidden, E = s->experts, K = s->top_k, n = f->tokens;
+    const float *x = in->tokens + f->token_first * H;
+
+    moe_gate_logits(x, in->weights->gate, n, H, E, f->logits);
+    moe_route_topk(f->logits, n, E, K, f->probs, f->ids, f->weights);
+
+    /* Counting sort of the assignments by expert, stable in token order. */
+    int64_t *next = calloc((size_t)E + 1, sizeof *next);
+    if (!next)
+        return moe_fail(-ENOMEM, "rank %d: out of memory", f->comm->rank);
+    for (int64_t i = 0; i < n * K; i++)
+        f->counts[f->ids[i]]++;
+    for (int64_t e = 1; e < E; e++)
+        next[e] = next[e - 1] + f->counts[e - 1];
+    for (int64_t i = 0; i < n * K; i++) {
+        int64_t row = next[f->ids[i]]++;
+        f->order[row] = i;
+        memcpy(f->send_rows + row * H, x + (i / K) * H, (size_t)H * sizeof(float));
+    }
+    free(next);
+    return 0;
+}
+
+/* Rows that source `src` sends to this rank, over all of its experts. */
+static int64_t rows_from(const struct rank_forward *f, int64_t E, int src)
+{
+    int64_t rows = 0;
+    for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++)
+        rows += f->all_counts[src * E + e];
+    return rows;
+}
+
+int moe_dist_rank_main(struct moe_comm *comm, void *arg)
+{
+    const struct moe_dist_input *in = arg;
+    const struct moe_shape *s = &in->weights->shape;
+    int64_t H = s->hidden, F = s->ffn, E = s->experts, K = s->top_k;
+    int R = comm->ranks, me = comm->rank;
+    uint64_t row_bytes = (uint64_t)H * sizeof(float);
+    void *area = moe_segment_app(comm->segment);
+    struct moe_run_area *run = area;
+    int rc = 0;
+
+    if (comm->segment->app_bytes < sizeof *run || run->magic != MOE_RUN_AREA_MAGIC ||
+        run->ranks != R || memcmp(&run->shape, s, sizeof *s) != 0 ||
+        run->area_bytes != moe_run_area_bytes(s, R) ||
+        run->area_bytes > comm->segment->app_bytes)
+        return moe_fail(-EPROTO, "rank %d: the run area does not match this "
+                        "layer's shape", me);
+    moe_blas_init();
+
+    struct rank_forward f = {.comm = comm, .slot = moe_segment_slot(comm->segment, me)};
+    moe_block_range(s->tokens, R, me, &f.token_first, &f.tokens);
+    moe_block_range(E, R, me, &f.expert_first, &f.experts);
+    int64_t n = f.tokens;
+
+    f.logits = malloc((size_t)(n * E + 1) * sizeof(float));
+    f.probs = malloc((size_t)(n * E + 1) * sizeof(float));
+    f.ids = malloc((size_t)(n * K + 1) * sizeof(int32_t));
+    f.weights = malloc((size_t)(n * K + 1) * sizeof(float));
+    f.counts = calloc((size_t)E, sizeof(int64_t));
+    f.all_counts = calloc((size_t)(R * E), sizeof(int64_t));
+    f.order = malloc((size_t)(n * K + 1) * sizeof(int64_t));
+    f.send_rows = malloc((size_t)(n * K * H + 1) * sizeof(float));
+    f.slot_rows = malloc((size_t)(n * K + 1) * sizeof(*f.slot_rows));
+    f.table = calloc(6 * (size_t)R, sizeof(uint64_t));
+    if (!f.logits || !f.probs || !f.ids || !f.weights || !f.counts ||
+        !f.all_counts || !f.order || !f.send_rows || !f.slot_rows || !f.table) {
+        rc = moe_fail(-ENOMEM, "rank %d: out of memory for %" PRId64 " tokens",
+                      me, n);
+        goto out;
+    }
+    uint64_t *send_bytes = f.table, *send_offsets = f.table + R,
+             *recv_bytes = f.table + 2 * R, *recv_offsets = f.table + 3 * R,
+             *recv_first_row = f.table + 4 * R;
+
+    /* Route. */
+    begin_step(&f, MOE_STEP_ROUTE);
+    rc = route(&f, in);
+    end_step(&f, MOE_STEP_ROUTE);
+    if (rc)
+        goto out;
+
+    /* Layout exchange. */
+    begin_step(&f, MOE_STEP_LAYOUT);
+    rc = moe_allgather(comm, f.counts, (uint64_t)E * sizeof(int64_t), f.all_counts);
+    if (rc == 0)
+        rc = validate_layout(&f, s);
+    end_step(&f, MOE_STEP_LAYOUT);
+    if (rc)
+        goto out;
+    memcpy(moe_run_area_counts(area) + me * E, f.counts, (size_t)E * sizeof(int64_t));
+
+    /* Dispatch: the send block for rank d covers the experts d owns. */
+    begin_step(&f, MOE_STEP_DISPATCH);
+    int64_t sent_rows = 0, received_rows = 0;
+    for (int d = 0; d < R; d++) {
+        int64_t first, count, rows = 0;
+        moe_block_range(E, R, d, &first, &count);
+        for (int64_t e = first; e < first + count; e++)
+            rows += f.counts[e];
+        send_offsets[d] = (uint64_t)sent_rows * row_bytes;
+        send_bytes[d] = (uint64_t)rows * row_bytes;
+        sent_rows += rows;
+
+        int64_t incoming = rows_from(&f, E, d);
+        recv_first_row[d] = (uint64_t)received_rows;
+        recv_offsets[d] = (uint64_t)received_rows * row_bytes;
+        recv_bytes[d] = (uint64_t)incoming * row_bytes;
+        received_rows += incoming;
+    }
+    f.recv_rows = malloc((size_t)(received_rows * H + 1) * sizeof(float));
+    f.expert_in = malloc((size_t)(received_rows * H + 1) * sizeof(float));
+    f.expert_out = malloc((size_t)(received_rows * H + 1) * sizeof(float));
+    if (!f.recv_rows || !f.expert_in || !f.expert_out) {
+        rc = moe_fail(-ENOMEM, "rank %d: out of memory for %" PRId64
+                      " received rows", me, received_rows);
+        end_step(&f, MOE_STEP_DISPATCH);
+        goto out;
+    }
+    rc = moe_alltoallv(comm, f.send_rows, send_bytes, send_offsets, f.recv_rows,
+                       recv_bytes, recv_offsets);
+    if (rc == 0) {
+        /* Reorder source-major rows into expert-major, token-ordered rows. */
+        int64_t row = 0;
+        for (int64_t e = f.expert_first; e < f.expert_first + f.experts; e++) {
+            for (int src = 0; src < R; src++) {
+                int64_t within = 0;
+                for (int64_t e2 = f.expert_first; e2 < e; e2++)
+                    within += f.all_counts[src * E + e2];
+                int64_t count = f.all_counts[src * E + e];
+                memcpy(f.expert_in + row * H,
+                       f.recv_rows + ((int64_t)recv_first_row[src] + within) * H,
+                       (size_t)count * row_bytes);
+                row += count;
+            }
+        }
+    }
+    end_step(&f, MOE_STEP_DISPATCH);
+    if (rc)
+        goto out;
+
+    /* Compute: one call per owned expert over all of its rows. */
+    begin_step(&f, MOE_STEP_COMPUTE);
+    int64_t max_rows = 0;
+    for (int64_t e = f.expert_first; e < f.expert_first + f.experts; e++) {
+        int64_t rows = 0;
+        for (int src = 0; src < R; src++)
+            rows += f.all_counts[src * E + e];
+        if (rows > max_rows)
+            max_rows = rows;
+    }
+    f.scratch = malloc((size_t)(moe_expert_scratch_floats(max_rows, F) + 1) *
+                       sizeof(float));
+    if (!f.scratch) {
+        rc = moe_fail(-ENOMEM, "rank %d: out of memory for expert scratch", me);
+        end_step(&f, MOE_STEP_COMPUTE);
+        goto out;
+    }
+    int64_t expert_row = 0;
+    for (int64_t e = f.expert_first; e < f.expert_first + f.experts; e++) {
+        int64_t rows = 0;
+        for (int src = 0; src < R; src++)
+            rows += f.all_counts[src * E + e];
+        moe_expert_forward(f.expert_in + expert_row * H, rows, H, F,
+                           in->weights->w1 + e * F * H, in->weights->w3 + e * F * H,
+                           in->weights->w2 + e * H * F, f.scratch,
+                           f.expert_out + expert_row * H);
+        expert_row += rows;
+    }
+    end_step(&f, MOE_STEP_COMPUTE);
+
+    /* Combine: put the outputs back in source-major order, send them home
+     * with the dispatch counts reversed, and sum per token. */
+    begin_step(&f, MOE_STEP_COMBINE);
+    int64_t row = 0;
+    for (int64_t e = f.expert_first; e < f.expert_first + f.experts; e++) {
+        for (int src = 0; src < R; src++) {
+            int64_t within = 0;
+            for (int64_t e2 = f.expert_first; e2 < e; e2++)
+                within += f.all_counts[src * E + e2];
+            int64_t count = f.all_counts[src * E + e];
+            memcpy(f.recv_rows + ((int64_t)recv_first_row[src] + within) * H,
+                   f.expert_out + row * H, (size_t)count * row_bytes);
+            row += count;
+        }
+    }
+    rc = moe_alltoallv(comm, f.recv_rows, recv_bytes, recv_offsets, f.send_rows,
+                       send_bytes, send_offsets);
+    if (rc == 0) {
+        for (int64_t i = 0; i < n * K; i++)
+            f.slot_rows[f.order[i]] = f.send_rows + i * H;
+        moe_combine(n, H, K, f.weights, f.slot_rows,
+                    moe_run_area_output(area) + f.token_first * H);
+    }
+    end_step(&f, MOE_STEP_COMBINE);
+
+out:
+    free_forward(&f);
+    return rc;
+}

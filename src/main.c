@@ -1,0 +1,119 @@
+/*
+ * main.c - the moe-ep program: parses the subcommand, calls the library,
+ * and maps its results to messages and exit statuses.
+ *
+ * Exit status: 0 success, 1 golden mismatch, 2 invalid usage or input,
+ * 3 runtime failure, 128 + signal when SIGINT or SIGTERM stopped a run.
+ */
+#include "moe_bench.h"
+#include "moe_error.h"
+#include "moe_run.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+enum {
+    EXIT_MISMATCH = 1,
+    EXIT_USAGE = 2,
+    EXIT_RUNTIME = 3,
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+        "usage: moe-ep COMMAND [options]\n"
+        "\n"
+        "commands:\n"
+        "  run     run one expert-parallel MoE layer on R processes and check it\n"
+        "          bit for bit against a single-process golden path\n"
+        "  bench   measure the forward time and the all-to-all bandwidth against\n"
+        "          the sgemm and memcpy floors of this machine\n"
+        "  help    show this text\n"
+        "\n"
+        "moe-ep COMMAND --help describes each command's options.\n");
+}
+
+static int exit_status_for(int rc)
+{
+    return rc == -EINVAL ? EXIT_USAGE : EXIT_RUNTIME;
+}
+
+static int command_run(int argc, char **argv)
+{
+    struct moe_run_options options;
+    moe_run_options_default(&options);
+    int rc = moe_run_parse(&options, argc, argv);
+    if (rc == 1) {
+        moe_run_usage(stdout);
+        return 0;
+    }
+    if (rc) {
+        fprintf(stderr, "moe-ep run: %s\n", moe_error_message());
+        return EXIT_USAGE;
+    }
+
+    struct moe_run_result result;
+    rc = moe_run(&options, &result);
+    if (rc) {
+        for (int i = 0; i < result.failures; i++)
+            fprintf(stderr, "moe-ep run: %s\n", result.failure[i]);
+        if (result.launcher_signal) {
+            fprintf(stderr, "moe-ep run: stopped by signal %d (%s); all ranks "
+                    "were stopped and the shared segment removed\n",
+                    result.launcher_signal, strsignal(result.launcher_signal));
+            moe_run_result_free(&result);
+            return 128 + result.launcher_signal;
+        }
+        fprintf(stderr, "moe-ep run: %s\n", moe_error_message());
+        moe_run_result_free(&result);
+        return exit_status_for(rc);
+    }
+
+    moe_run_print_report(stdout, &result);
+    int status = result.check.equal ? 0 : EXIT_MISMATCH;
+    moe_run_result_free(&result);
+    return status;
+}
+
+static int command_bench(int argc, char **argv)
+{
+    struct moe_bench_options options;
+    moe_bench_options_default(&options);
+    int rc = moe_bench_parse(&options, argc, argv);
+    if (rc == 1) {
+        moe_bench_usage(stdout);
+        return 0;
+    }
+    if (rc) {
+        fprintf(stderr, "moe-ep bench: %s\n", moe_error_message());
+        return EXIT_USAGE;
+    }
+    rc = moe_bench(&options, stdout);
+    if (rc) {
+        fprintf(stderr, "moe-ep bench: %s\n", moe_error_message());
+        return exit_status_for(rc);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return EXIT_USAGE;
+    }
+    const char *command = argv[1];
+    if (!strcmp(command, "run"))
+        return command_run(argc - 2, argv + 2);
+    if (!strcmp(command, "bench"))
+        return command_bench(argc - 2, argv + 2);
+    if (!strcmp(command, "help") || !strcmp(command, "-h") ||
+        !strcmp(command, "--help")) {
+        usage(stdout);
+        return 0;
+    }
+    fprintf(stderr, "moe-ep: unknown command '%s'; expected run, bench or help\n",
+            command);
+    return EXIT_USAGE;
+}

@@ -1,0 +1,333 @@
+/*
+ * run.c - the `moe-ep run` job: parse options, build the layer, launch the
+ * ranks, gather their output, and check it bit for bit against the golden
+ * path.
+ *
+ * Runs in the launcher process. The weights and tokens are built here and
+ * reach the ranks through fork; the output comes back through the run area
+ * of the shared segment. Memory: the weights, the (T, H) tokens, output and
+ * golden output, plus the golden path's (T*K, H) buffers.
+ */
+#include "moe_run.h"
+#include "moe_args.h"
+#include "moe_dist.h"
+#include "moe_error.h"
+#include "moe_npy.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* Largest accepted dimensions. They keep every product in 64 bits and every
+ * GEMM dimension in an int; the memory check below is the tighter limit. */
+#define MAX_TOKENS (1LL << 24)
+#define MAX_HIDDEN (1LL << 16)
+#define MAX_FFN (1LL << 18)
+#define MAX_EXPERTS 4096
+
+void moe_run_options_default(struct moe_run_options *o)
+{
+    *o = (struct moe_run_options){
+        .shape = {.tokens = 512, .hidden = 512, .ffn = 1792, .experts = 8, .top_k = 2},
+        .ranks = 4,
+        .seed = 1,
+        .timeout_seconds = 60.0,
+        .ring_bytes = 64 * 1024,
+    };
+}
+
+void moe_run_usage(FILE *out)
+{
+    fprintf(out,
+        "usage: moe-ep run [options]\n"
+        "\n"
+        "Runs one MoE layer with expert parallelism on R rank processes that\n"
+        "exchange tokens through shared-memory rings, then checks the output\n"
+        "bit for bit against a single-process golden path.\n"
+        "\n"
+        "options (defaults in brackets):\n"
+        "  --ranks R         rank processes, 1 to %d [4]\n"
+        "  --tokens T        tokens in the whole batch, split over the ranks in\n"
+        "                    contiguous blocks; the first T mod R ranks get one\n"
+        "                    more [512]\n"
+        "  --hidden H        hidden size, in elements [512]\n"
+        "  --ffn F           expert FFN (intermediate) size, in elements [1792]\n"
+        "  --experts E       experts, split over the ranks in contiguous blocks [8]\n"
+        "  --top-k K         experts per token, 1 to E [2]\n"
+        "  --seed S          seed that draws the weights and the tokens [1]\n"
+        "  --input FILE      .npy float32 array (T, H) of tokens, used instead of\n"
+        "                    random ones; sets T and H\n"
+        "  --output FILE     write the layer output (T, H) as a float32 .npy file\n"
+        "  --timeout SECONDS fail a wait on a peer after this long without\n"
+        "                    progress [60]\n"
+        "  --ring-size BYTES data bytes of each of the R*R rings, a power of two\n"
+        "                    from 64 to 1G; K, M, G suffixes allowed [64K]\n"
+        "  -h, --help        show this text\n"
+        "\n"
+        "exit status: 0 bitwise equal, 1 golden mismatch, 2 invalid usage or\n"
+        "input, 3 runtime failure (a rank died or a wait timed out)\n",
+        MOE_MAX_RANKS);
+}
+
+/* Returns the value of option argv[*i], advancing *i, or NULL when the
+ * option is the last argument. */
+static const char *option_value(int argc, char **argv, int *i)
+{
+    if (*i + 1 >= argc)
+        return NULL;
+    return argv[++*i];
+}
+
+int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
+{
+    int64_t v;
+    int rc;
+    for (int i = 0; i < argc; i++) {
+        const char *flag = argv[i];
+        if (!strcmp(flag, "-h") || !strcmp(flag, "--help"))
+            return 1;
+        if (strncmp(flag, "--", 2) != 0)
+            return moe_fail(-EINVAL, "unexpected argument '%s': options start "
+                            "with --; see moe-ep run --help", flag);
+        const char *text = option_value(argc, argv, &i);
+        if (!text)
+            return moe_fail(-EINVAL, "missing value for %s", flag);
+
+        if (!strcmp(flag, "--ranks")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MOE_MAX_RANKS, &v)))
+                return rc;
+            o->ranks = (int)v;
+        } else if (!strcmp(flag, "--tokens")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_TOKENS, &o->shape.tokens)))
+                return rc;
+            o->tokens_given = 1;
+        } else if (!strcmp(flag, "--hidden")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_HIDDEN, &o->shape.hidden)))
+                return rc;
+            o->hidden_given = 1;
+        } else if (!strcmp(flag, "--ffn")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_FFN, &o->shape.ffn)))
+                return rc;
+        } else if (!strcmp(flag, "--experts")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_EXPERTS, &o->shape.experts)))
+                return rc;
+        } else if (!strcmp(flag, "--top-k")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_EXPERTS, &o->shape.top_k)))
+                return rc;
+        } else if (!strcmp(flag, "--seed")) {
+            if ((rc = moe_parse_uint64(flag, text, &o->seed)))
+                return rc;
+        } else if (!strcmp(flag, "--input")) {
+            o->input_path = text;
+        } else if (!strcmp(flag, "--output")) {
+            o->output_path = text;
+        } else if (!strcmp(flag, "--timeout")) {
+            if ((rc = moe_parse_double(flag, text, 0.001, 86400.0, &o->timeout_seconds)))
+                return rc;
+        } else if (!strcmp(flag, "--ring-size")) {
+            if ((rc = moe_parse_bytes(flag, text, MOE_RING_MIN_CAPACITY, 1ULL << 30,
+                                      &o->ring_bytes)))
+                return rc;
+            if (o->ring_bytes & (o->ring_bytes - 1))
+                return moe_fail(-EINVAL, "invalid --ring-size value '%s': "
+                                "expected a power of two", text);
+        } else {
+            return moe_fail(-EINVAL, "unknown option '%s'; see moe-ep run --help",
+                            flag);
+        }
+    }
+    if (o->shape.top_k > o->shape.experts)
+        return moe_fail(-EINVAL, "invalid --top-k value %" PRId64 ": it exceeds "
+                        "--experts %" PRId64, o->shape.top_k, o->shape.experts);
+    return 0;
+}
+
+/* Rejects a layer whose buffers would not fit in this machine's memory,
+ * before anything is allocated. */
+static int check_memory(const struct moe_run_options *o)
+{
+    const struct moe_shape *s = &o->shape;
+    double floats = 3.0 * (double)s->experts * (double)s->ffn * (double)s->hidden +
+                    /* tokens, output, golden output */
+                    3.0 * (double)s->tokens * (double)s->hidden +
+                    /* golden and rank buffers, about (T*K, H) each */
+                    6.0 * (double)s->tokens * (double)s->top_k * (double)s->hidden;
+    double need = floats * sizeof(float);
+    double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (have > 0 && need > 0.8 * have)
+        return moe_fail(-EINVAL, "the layer needs about %.1f GiB (tokens %" PRId64
+                        ", hidden %" PRId64 ", ffn %" PRId64 ", experts %" PRId64
+                        ", top-k %" PRId64 ") but this machine has %.1f GiB; "
+                        "use smaller --tokens, --hidden, --ffn or --experts",
+                        need / 1073741824.0, s->tokens, s->hidden, s->ffn,
+                        s->experts, s->top_k, have / 1073741824.0);
+    return 0;
+}
+
+static int load_tokens(struct moe_run_options *o, float **tokens)
+{
+    if (!o->input_path) {
+        *tokens = malloc((size_t)(o->shape.tokens * o->shape.hidden) * sizeof(float));
+        if (!*tokens)
+            return moe_fail(-ENOMEM, "out of memory for %" PRId64 " tokens",
+                            o->shape.tokens);
+        moe_tokens_random(*tokens, 0, o->shape.tokens, o->shape.hidden, o->seed);
+        return 0;
+    }
+
+    int64_t rows, cols;
+    int rc = moe_npy_read_f32(o->input_path, tokens, &rows, &cols);
+    if (rc)
+        return rc;
+    if (rows < 1 || rows > MAX_TOKENS || cols < 1 || cols > MAX_HIDDEN ||
+        (o->tokens_given && rows != o->shape.tokens) ||
+        (o->hidden_given && cols != o->shape.hidden)) {
+        free(*tokens);
+        *tokens = NULL;
+        return moe_fail(-EINVAL, "invalid --input file '%s': its shape is (%"
+                        PRId64 ", %" PRId64 "), expected (T, H) with T from 1 "
+                        "to %lld and H from 1 to %lld%s", o->input_path, rows,
+                        cols, MAX_TOKENS, MAX_HIDDEN,
+                        o->tokens_given || o->hidden_given
+                            ? " matching --tokens and --hidden" : "");
+    }
+    o->shape.tokens = rows;
+    o->shape.hidden = cols;
+    return 0;
+}
+
+void moe_compare_bits(const float *actual, const float *expected, int64_t count,
+                      struct moe_compare *r)
+{
+    *r = (struct moe_compare){.equal = 1, .first = -1};
+    if (memcmp(actual, expected, (size_t)count * sizeof(float)) == 0)
+        return;
+    for (int64_t i = 0; i < count; i++) {
+        if (memcmp(&actual[i], &expected[i], sizeof(float)) == 0)
+            continue;
+        r->equal = 0;
+        r->mismatches++;
+        if (r->first < 0) {
+            r->first = i;
+            r->actual = actual[i];
+            r->expected = expected[i];
+        }
+        double d = fabs((double)actual[i] - (double)expected[i]);
+        if (d > r->max_abs_diff)
+            r->max_abs_diff = d;
+    }
+}
+
+/* Flips the lowest mantissa bit of one output value when the debug variable
+ * MOE_EP_CORRUPT_OUTPUT names its index, so that tests can see the golden
+ * check report a mismatch end to end. */
+static void corrupt_for_testing(float *output, int64_t count)
+{
+    const char *text = getenv("MOE_EP_CORRUPT_OUTPUT");
+    if (!text || !*text)
+        return;
+    char *end;
+    long long index = strtoll(text, &end, 10);
+    if (*end == '\0' && index >= 0 && index < count) {
+        uint32_t bits;
+        memcpy(&bits, &output[index], sizeof bits);
+        bits ^= 1;
+        memcpy(&output[index], &bits, sizeof bits);
+    }
+}
+
+int moe_run(const struct moe_run_options *options, struct moe_run_result *result)
+{
+    *result = (struct moe_run_result){.options = *options};
+    struct moe_run_options *o = &result->options;
+    struct moe_weights weights = {0};
+    float *tokens = NULL;
+    struct moe_launch launch = {0};
+    int rc;
+
+    if ((rc = load_tokens(o, &tokens)))
+        return rc;
+    const struct moe_shape *s = &o->shape;
+    if ((rc = check_memory(o)))
+        goto out;
+    if ((rc = moe_weights_init_random(&weights, s, o->seed)))
+        goto out;
+    moe_blas_init();
+
+    int64_t values = s->tokens * s->hidden;
+    result->output = malloc((size_t)values * sizeof(float));
+    result->golden = malloc((size_t)values * sizeof(float));
+    result->counts = malloc((size_t)(o->ranks * s->experts) * sizeof(int64_t));
+    if (!result->output || !result->golden || !result->counts) {
+        rc = moe_fail(-ENOMEM, "out of memory for the output of %" PRId64
+                      " tokens", s->tokens);
+        goto out;
+    }
+
+    /* Distributed forward. */
+    struct moe_dist_input input = {.weights = &weights, .tokens = tokens};
+    struct moe_launch_config config = {
+        .ranks = o->ranks,
+        .ring_capacity = o->ring_bytes,
+        .app_bytes = moe_run_area_bytes(s, o->ranks),
+        .timeout_ns = (int64_t)(o->timeout_seconds * 1e9),
+        .rank_main = moe_dist_rank_main,
+        .arg = &input,
+    };
+    if ((rc = moe_launch_create(&launch, &config)))
+        goto out;
+    void *area = moe_segment_app(launch.segment);
+    moe_run_area_init(area, s, o->ranks);
+
+    rc = moe_launch_run(&launch);
+    result->forward_ns = launch.elapsed_ns;
+    result->launcher_signal = launch.launcher_signal;
+    for (int r = 0; r < o->ranks; r++) {
+        struct moe_rank_slot *slot = moe_segment_slot(launch.segment, r);
+        memcpy(result->step_ns[r], slot->step_ns, sizeof slot->step_ns);
+        memcpy(result->wait_ns[r], slot->wait_ns, sizeof slot->wait_ns);
+        const struct moe_rank_outcome *oc = &launch.outcome[r];
+        if (oc->pid && (oc->signal || (oc->exit_status != 0 &&
+                                       oc->exit_status != MOE_RANK_EXIT_ABORTED)))
+            moe_launch_describe(&launch, r, result->failure[result->failures++],
+                                sizeof result->failure[0]);
+    }
+    if (rc) {
+        if (rc == -ECANCELED)
+            moe_fail(rc, "the distributed forward failed");
+        goto out;
+    }
+    memcpy(result->output, moe_run_area_output(area), (size_t)values * sizeof(float));
+    memcpy(result->counts, moe_run_area_counts(area),
+           (size_t)(o->ranks * s->experts) * sizeof(int64_t));
+    moe_launch_destroy(&launch);
+    corrupt_for_testing(result->output, values);
+
+    /* Golden path and check. */
+    int64_t start = moe_now_ns();
+    if ((rc = moe_golden_forward(&weights, tokens, result->golden, NULL)))
+        goto out;
+    result->golden_ns = moe_now_ns() - start;
+    moe_compare_bits(result->output, result->golden, values, &result->check);
+
+    if (o->output_path)
+        rc = moe_npy_write_f32(o->output_path, result->output, s->tokens, s->hidden);
+
+out:
+    moe_launch_destroy(&launch);
+    moe_weights_free(&weights);
+    free(tokens);
+    return rc;
+}
+
+void moe_run_result_free(struct moe_run_result *result)
+{
+    free(result->output);
+    free(result->golden);
+    free(result->counts);
+    result->output = result->golden = NULL;
+    result->counts = NULL;
+}

@@ -1,0 +1,106 @@
+/*
+ * weights.c - seeded random weights and tokens, and the block partitions.
+ *
+ * Every value is a pure function of (seed, stream, substream, index), so a
+ * rank can regenerate exactly the slice it needs and the result never
+ * depends on the rank count. Uniform values keep the layer well scaled:
+ * the gate gives logits with a spread of about 1, and the expert weights
+ * are scaled by 1/sqrt(fan-in).
+ */
+#include "moe_layer.h"
+#include "moe_error.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+
+void moe_blas_init(void)
+{
+    openblas_set_num_threads(1);
+}
+
+/* A 64-bit mixing function (the finaliser of splitmix64); a different key
+ * for every element gives independent-looking values. */
+static uint64_t mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+void moe_fill_uniform(float *dst, int64_t count, uint64_t seed,
+                      uint32_t stream, uint32_t substream, int64_t first,
+                      float scale)
+{
+    uint64_t key = mix64(seed ^ mix64(((uint64_t)stream << 32) | substream));
+    for (int64_t i = 0; i < count; i++) {
+        uint64_t bits = mix64(key + 0x9e3779b97f4a7c15ULL * (uint64_t)(first + i));
+        /* 24 random bits give a float in [0, 1) exactly. */
+        float unit = (float)(bits >> 40) * (1.0f / 16777216.0f);
+        dst[i] = (2.0f * unit - 1.0f) * scale;
+    }
+}
+
+int moe_weights_init_random(struct moe_weights *weights,
+                            const struct moe_shape *shape, uint64_t seed)
+{
+    int64_t H = shape->hidden, F = shape->ffn, E = shape->experts;
+    weights->shape = *shape;
+    weights->gate = malloc((size_t)(E * H) * sizeof(float));
+    weights->w1 = malloc((size_t)(E * F * H) * sizeof(float));
+    weights->w3 = malloc((size_t)(E * F * H) * sizeof(float));
+    weights->w2 = malloc((size_t)(E * H * F) * sizeof(float));
+    if (!weights->gate || !weights->w1 || !weights->w3 || !weights->w2) {
+        moe_weights_free(weights);
+        return moe_fail(-ENOMEM, "out of memory for the weights of %lld experts "
+                        "of %lld x %lld", (long long)E, (long long)F, (long long)H);
+    }
+
+    /* x is uniform in [-1, 1) with variance 1/3; a gate scale of 3/sqrt(H)
+     * gives logits with a standard deviation of about 1. */
+    moe_fill_uniform(weights->gate, E * H, seed, MOE_STREAM_GATE, 0, 0,
+                     3.0f / sqrtf((float)H));
+    for (int64_t e = 0; e < E; e++) {
+        moe_fill_uniform(weights->w1 + e * F * H, F * H, seed, MOE_STREAM_W1,
+                         (uint32_t)e, 0, 1.0f / sqrtf((float)H));
+        moe_fill_uniform(weights->w3 + e * F * H, F * H, seed, MOE_STREAM_W3,
+                         (uint32_t)e, 0, 1.0f / sqrtf((float)H));
+        moe_fill_uniform(weights->w2 + e * H * F, H * F, seed, MOE_STREAM_W2,
+                         (uint32_t)e, 0, 1.0f / sqrtf((float)F));
+    }
+    return 0;
+}
+
+void moe_weights_free(struct moe_weights *weights)
+{
+    free(weights->gate);
+    free(weights->w1);
+    free(weights->w3);
+    free(weights->w2);
+    weights->gate = weights->w1 = weights->w3 = weights->w2 = NULL;
+}
+
+void moe_tokens_random(float *x, int64_t first, int64_t count, int64_t hidden,
+                       uint64_t seed)
+{
+    moe_fill_uniform(x, count * hidden, seed, MOE_STREAM_TOKENS, 0,
+                     first * hidden, 1.0f);
+}
+
+void moe_block_range(int64_t total, int parts, int part, int64_t *first,
+                     int64_t *count)
+{
+    int64_t base = total / parts, extra = total % parts;
+    *count = base + (part < extra ? 1 : 0);
+    *first = part * base + (part < extra ? part : extra);
+}
+
+int moe_expert_owner(int64_t experts, int ranks, int64_t expert)
+{
+    int64_t base = experts / ranks, extra = experts % ranks;
+    /* The first `extra` ranks own base + 1 experts each. */
+    if (expert < extra * (base + 1))
+        return (int)(expert / (base + 1));
+    return (int)(extra + (expert - extra * (base + 1)) / base);
+}

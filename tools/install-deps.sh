@@ -1,0 +1,30 @@
+#!/bin/sh
+# Installs the Debian packages moe-ep needs to build and test, if missing.
+# Uses sudo when not run as root. On a system without apt-get it names the
+# packages and stops with status 1.
+set -eu
+
+packages="build-essential pkg-config libopenblas-dev libcriterion-dev libcjson-dev"
+
+missing=""
+for p in $packages; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $p"
+    fi
+done
+[ -z "$missing" ] && exit 0
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "moe-ep needs these Debian packages, and apt-get was not found:$missing" >&2
+    echo "Install them (or your system's equivalents) and run make again." >&2
+    exit 1
+fi
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+    sudo="sudo"
+fi
+echo "installing missing packages:$missing"
+$sudo apt-get update -qq
+# shellcheck disable=SC2086
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing
