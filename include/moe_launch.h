@@ -51,6 +51,7 @@ struct moe_rank_outcome {
     int exit_status; /* valid when signal == 0 */
     int signal;      /* the signal that killed it, or 0 */
     int step;        /* enum moe_step the rank was in at the end */
+    int killed_after_grace; /* still alive 2 s after the abort, so killed */
 };
 
 struct moe_launch {

@@ -5,7 +5,7 @@
  * np.save() and np.load() read and write the same files. Only the subset the
  * layer needs is supported: little-endian float32 ('<f4'), C order, two
  * dimensions. Any other file is rejected with -EINVAL and a message that
- * names the file and says what was found.
+ * names the file and states what was found.
  *
  * The .npy layout (format versions 1.0, 2.0 and 3.0):
  *   bytes 0-5   magic "\x93NUMPY"
@@ -25,8 +25,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Most dimensions a parsed header can store; a header with more is
- * rejected. */
+/* Maximum number of dimensions in struct moe_npy_header. The parser
+ * rejects a header with more. */
 #define MOE_NPY_MAX_DIMS 8
 
 /* The fields of a .npy header, as moe_npy_parse_header() found them. */
@@ -67,10 +67,10 @@ int moe_npy_read_f32(const char *path, float **data, int64_t *rows,
 
 /* Parses the magic, version, header length and header dict at the start of
  * buf[0..len) into *out. Reads no byte outside that range, so it can be run
- * on untrusted or truncated input. It checks the syntax and the three keys
- * but not the dtype, order or rank, which the caller decides; descr must be
- * a string of at most 15 characters. name_for_errors is put in messages and
- * may be NULL.
+ * on untrusted or truncated input. It checks the syntax and the three keys.
+ * The dtype, order and rank are left for the caller to check, but descr
+ * must be a string of at most 15 characters. name_for_errors is put in
+ * messages and may be NULL.
  *
  * Returns 0, or -EINVAL when buf does not contain a complete, well-formed
  * header. */

@@ -172,6 +172,8 @@ static void run_rank(struct moe_launch *launch, int rank, pid_t launcher,
 
 static int rank_failed(const struct moe_rank_outcome *o)
 {
+    if (o->killed_after_grace)
+        return 0; /* a consequence of the abort, not its cause */
     return o->signal != 0 || (o->exit_status != 0 &&
                               o->exit_status != MOE_RANK_EXIT_ABORTED);
 }
@@ -241,8 +243,10 @@ int moe_launch_run(struct moe_launch *launch)
 
         if (grace_deadline && moe_now_ns() > grace_deadline)
             for (int r = 0; r < R; r++)
-                if (alive[r])
+                if (alive[r] && !launch->outcome[r].killed_after_grace) {
                     kill(launch->outcome[r].pid, SIGKILL);
+                    launch->outcome[r].killed_after_grace = 1;
+                }
 
         struct timespec slice = {0, 20 * 1000 * 1000};
         int sig = sigtimedwait(&watched, NULL, &slice);
@@ -279,7 +283,11 @@ void moe_launch_describe(const struct moe_launch *launch, int rank, char *buf,
     const struct moe_rank_outcome *o = &launch->outcome[rank];
     const char *step = moe_step_name(o->step);
     const char *message = moe_segment_slot(launch->segment, rank)->error;
-    if (o->signal)
+    if (o->killed_after_grace)
+        snprintf(buf, size, "rank %d (pid %ld) was still in %s 2 s after the "
+                 "run was aborted, so the launcher killed it", rank,
+                 (long)o->pid, step);
+    else if (o->signal)
         snprintf(buf, size, "rank %d (pid %ld) was killed by signal %d (%s) "
                  "in %s", rank, (long)o->pid, o->signal, strsignal(o->signal),
                  step);

@@ -5,9 +5,9 @@
  * counter for temporary file names. The header parser accepts the subset of
  * Python literal syntax that np.save() writes: a dict whose keys and strings
  * are quoted without escape sequences, True/False, and a tuple of decimal
- * integers. Anything else is a malformed header. Headers that numpy.load()
- * accepts but this parser rejects include strings with escape sequences,
- * duplicate keys and Python 2 "L" suffixes on integers; np.save() under
+ * integers. Anything else is a malformed header. Some headers that
+ * numpy.load() accepts are rejected here: strings with escape sequences,
+ * duplicate keys and Python 2 "L" suffixes on integers. np.save() under
  * Python 3 writes none of these.
  *
  * Limits: the reader loads the whole array into memory (no mmap), and the
@@ -464,8 +464,9 @@ static void format_shape(const struct moe_npy_header *h, char *buf,
  * at offset 0, and leaves fd at the first data byte. */
 static int read_header(int fd, const char *path, struct moe_npy_header *h)
 {
-    /* The longest prefix, 12 bytes, is enough to learn the header length.
-     * In a 1.0 file its last 2 bytes already belong to the header. */
+    /* The 12-byte prefix of versions 2.0 and 3.0 is enough to learn the
+     * header length. In a 1.0 file the last 2 of these bytes already belong
+     * to the header. */
     uint8_t prefix[12];
     size_t got;
     int rc = read_full(fd, prefix, sizeof prefix, &got);
@@ -511,6 +512,9 @@ static int check_f32_matrix(const struct moe_npy_header *h, const char *path,
     char shape[256];
     format_shape(h, shape, sizeof shape);
 
+    /* '=f4' (native order) is rejected too, because the file does not
+     * record which byte order its writer had. np.save() writes '<f4' or
+     * '>f4' for float32. */
     if (strcmp(h->descr, "<f4") != 0)
         return moe_fail(-EINVAL,
                         "%s: unsupported dtype '%s'; expected float32 ('<f4')",
@@ -566,8 +570,8 @@ static int read_data(int fd, const char *path, const struct stat *st,
     if (rc < 0)
         return moe_fail(rc, "%s: read failed: %s", path, strerror(-rc));
     if (got > 0) {
-        /* A regular file reports the exact count. For a pipe this is at
-         * least the number of bytes read. */
+        /* For a regular file the size gives the exact count. Otherwise the
+         * message gives the bytes read so far, a lower bound. */
         uint64_t trailing = got;
         uint64_t expected_end = h->data_offset + data_bytes;
         if (S_ISREG(st->st_mode) && (uint64_t)st->st_size > expected_end)
@@ -590,7 +594,7 @@ int moe_npy_read_f32(const char *path, float **data, int64_t *rows,
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int err = errno;
-        return moe_fail(-err, "%s: cannot open: %s", path, strerror(err));
+        return moe_fail(-err, "%s: open failed: %s", path, strerror(err));
     }
 
     struct stat st;
@@ -670,7 +674,7 @@ static size_t format_header(char *buf, size_t size, int64_t rows,
     size_t header_bytes = text_bytes + pad_spaces;
     size_t total = prefix_bytes + header_bytes;
 
-    /* The longest dict, with two 19-digit dimensions, needs 192 bytes. */
+    /* With two 19-digit dimensions, the prefix and header take 128 bytes. */
     if (total > size)
         return 0;
 
@@ -720,19 +724,19 @@ int moe_npy_write_f32(const char *path, const float *data, int64_t rows,
 {
     if (rows < 0 || cols < 0)
         return moe_fail(-EINVAL,
-                        "%s: cannot write shape (%" PRId64 ", %" PRId64
+                        "%s: invalid shape (%" PRId64 ", %" PRId64
                         "): dimensions must be >= 0",
                         path, rows, cols);
     if (cols != 0 && (uint64_t)rows > (uint64_t)INT64_MAX / sizeof(float) /
                                           (uint64_t)cols)
         return moe_fail(-EINVAL,
-                        "%s: cannot write shape (%" PRId64 ", %" PRId64
+                        "%s: invalid shape (%" PRId64 ", %" PRId64
                         "): its size in bytes overflows",
                         path, rows, cols);
     uint64_t data_bytes = (uint64_t)rows * (uint64_t)cols * sizeof(float);
     if (data_bytes > SIZE_MAX)
         return moe_fail(-EINVAL,
-                        "%s: cannot write %" PRIu64 " bytes: larger than "
+                        "%s: invalid size %" PRIu64 " bytes: larger than "
                         "SIZE_MAX", path, data_bytes);
     if (data == NULL && data_bytes > 0)
         return moe_fail(-EINVAL, "%s: data is NULL", path);
@@ -746,8 +750,8 @@ int moe_npy_write_f32(const char *path, const float *data, int64_t rows,
     char *tmp_path = NULL;
     int fd = create_temp(path, &tmp_path);
     if (fd < 0)
-        return moe_fail(fd, "%s: cannot create a temporary file beside it: %s",
-                        path, strerror(-fd));
+        return moe_fail(fd, "%s: creating a temporary file beside it failed: "
+                        "%s", path, strerror(-fd));
 
     const char *step = "write";
     int rc = write_full(fd, header, header_bytes);

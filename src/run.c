@@ -289,15 +289,27 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
         struct moe_rank_slot *slot = moe_segment_slot(launch.segment, r);
         memcpy(result->step_ns[r], slot->step_ns, sizeof slot->step_ns);
         memcpy(result->wait_ns[r], slot->wait_ns, sizeof slot->wait_ns);
+    }
+    /* The rank that failed first comes first, then the others that failed or
+     * had to be killed. */
+    if (launch.failed_rank >= 0)
+        moe_launch_describe(&launch, launch.failed_rank,
+                            result->failure[result->failures++],
+                            sizeof result->failure[0]);
+    for (int r = 0; r < o->ranks; r++) {
         const struct moe_rank_outcome *oc = &launch.outcome[r];
-        if (oc->pid && (oc->signal || (oc->exit_status != 0 &&
-                                       oc->exit_status != MOE_RANK_EXIT_ABORTED)))
+        int failed = oc->signal || (oc->exit_status != 0 &&
+                                    oc->exit_status != MOE_RANK_EXIT_ABORTED);
+        if (r != launch.failed_rank && oc->pid && failed)
             moe_launch_describe(&launch, r, result->failure[result->failures++],
                                 sizeof result->failure[0]);
     }
     if (rc) {
-        if (rc == -ECANCELED)
-            moe_fail(rc, "the distributed forward failed");
+        if (rc == -ECANCELED && launch.failed_rank >= 0)
+            moe_fail(rc, "the distributed forward failed because rank %d "
+                     "failed", launch.failed_rank);
+        else if (rc == -ECANCELED)
+            moe_fail(rc, "the distributed forward was stopped");
         goto out;
     }
     memcpy(result->output, moe_run_area_output(area), (size_t)values * sizeof(float));

@@ -28,7 +28,7 @@
                 double d_ = fabs((double)ea_[j_] - (double)eb_[j_]);           \
                 if (d_ > maxd_) maxd_ = d_;                                    \
             }                                                                  \
-            cr_fail("%s: first difference at element %lld: %.9g vs %.9g, "     \
+            cr_assert_fail("%s: first difference at element %lld: %.9g vs %.9g, "     \
                     "max abs difference %.3g",                                 \
                     what, (long long)i_, ea_[i_], eb_[i_], maxd_);             \
         }                                                                      \
@@ -47,7 +47,7 @@
             if (bad_ < 0 && !(d_ <= (atol) + (rtol) * fabs(y_))) bad_ = i_;    \
         }                                                                      \
         if (bad_ >= 0)                                                         \
-            cr_fail("%s: element %lld is %.9g, expected %.9g within "          \
+            cr_assert_fail("%s: element %lld is %.9g, expected %.9g within "          \
                     "atol %g + rtol %g; max abs difference %.3g",              \
                     what, (long long)bad_, (double)(a)[bad_],                  \
                     (double)(b)[bad_], (double)(atol), (double)(rtol), maxd_); \

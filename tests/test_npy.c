@@ -1,0 +1,800 @@
+/*
+ * test_npy.c - tests of the .npy reader, writer and header parser.
+ *
+ * Checks that arrays round-trip bit for bit and that the writer aligns the
+ * data to 64 bytes and matches np.save() byte for byte. Files written by
+ * numpy in versions 1.0, 2.0 and 3.0 must be read. Every kind of bad file
+ * must be rejected with -EINVAL and a message naming the file and the
+ * reason. Each test works in its own temporary directory, removed by the
+ * suite's fini hook.
+ */
+#include "moe_error.h"
+#include "moe_npy.h"
+#include "test_util.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ---- fixtures ---------------------------------------------------------- */
+
+/* np.save() output of numpy 1.24.2 (Python 3.11) for the (2, 3) float32
+ * array [[1.5, -2.0, 0.1], [3.25, NaN with payload 0x7fc00001, -0.0]]. */
+static const uint8_t numpy_v1_file[152] = {
+    0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 0x01, 0x00, 0x76, 0x00, 0x7b, 0x27,
+    0x64, 0x65, 0x73, 0x63, 0x72, 0x27, 0x3a, 0x20, 0x27, 0x3c, 0x66, 0x34,
+    0x27, 0x2c, 0x20, 0x27, 0x66, 0x6f, 0x72, 0x74, 0x72, 0x61, 0x6e, 0x5f,
+    0x6f, 0x72, 0x64, 0x65, 0x72, 0x27, 0x3a, 0x20, 0x46, 0x61, 0x6c, 0x73,
+    0x65, 0x2c, 0x20, 0x27, 0x73, 0x68, 0x61, 0x70, 0x65, 0x27, 0x3a, 0x20,
+    0x28, 0x32, 0x2c, 0x20, 0x33, 0x29, 0x2c, 0x20, 0x7d, 0x20, 0x20, 0x20,
+    0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20,
+    0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20,
+    0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20,
+    0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20,
+    0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x0a, 0x00, 0x00, 0xc0, 0x3f,
+    0x00, 0x00, 0x00, 0xc0, 0xcd, 0xcc, 0xcc, 0x3d, 0x00, 0x00, 0x50, 0x40,
+    0x01, 0x00, 0xc0, 0x7f, 0x00, 0x00, 0x00, 0x80,
+};
+
+/* The same array written by numpy.lib.format.write_array(..., version=(3,
+ * 0)). numpy writes version 2.0 with the same bytes except byte 6. */
+static const uint8_t numpy_v3_file[152] = {
+    0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 0x03, 0x00, 0x74, 0x00, 0x00, 0x00,
+    0x7b, 0x27, 0x64, 0x65, 0x73, 0x63, 0x72, 0x27, 0x3a, 0x20, 0x27, 0x3c,
+    0x66, 0x34, 0x27, 0x2c, 0x20, 0x27, 0x66, 0x6f, 0x72, 0x74, 0x72, 0x61,
+    0x6e, 0x5f, 0x6f, 0x72, 0x64, 0x65, 0x72, 0x27, 0x3a, 0x20, 0x46, 0x61,
+    0x6c, 0x73, 0x65, 0x2c, 0x20, 0x27, 0x73, 0x68, 0x61, 0x70, 0x65, 0x27,
+    0x3a, 0x20, 0x28, 0x32, 0x2c, 0x20, 0x33, 0x29, 0x2c, 0x20, 0x7d, 0x20,
+    0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20,
+    0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20,
+    0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20,
+    0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20,
+    0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x0a, 0x00, 0x00, 0xc0, 0x3f,
+    0x00, 0x00, 0x00, 0xc0, 0xcd, 0xcc, 0xcc, 0x3d, 0x00, 0x00, 0x50, 0x40,
+    0x01, 0x00, 0xc0, 0x7f, 0x00, 0x00, 0x00, 0x80,
+};
+
+/* Bit patterns of the six values in the numpy fixtures, row-major. */
+static const uint32_t numpy_fixture_bits[6] = {
+    0x3fc00000, 0xc0000000, 0x3dcccccd, 0x40500000, 0x7fc00001, 0x80000000,
+};
+
+static float float_from_bits(uint32_t bits)
+{
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* ---- temporary directory ---------------------------------------------- */
+
+static char test_dir[256];
+
+static void make_test_dir(void)
+{
+    const char *tmp = getenv("TMPDIR");
+    snprintf(test_dir, sizeof test_dir, "%s/moe-npy-XXXXXX",
+             tmp != NULL && tmp[0] != '\0' ? tmp : "/tmp");
+    cr_assert_not_null(mkdtemp(test_dir), "mkdtemp(%s) failed: %s", test_dir,
+                       strerror(errno));
+}
+
+/* Removes the test directory and what the tests put in it: plain files
+ * and, one level down, empty directories. */
+static void remove_test_dir(void)
+{
+    DIR *dir = opendir(test_dir);
+    if (dir == NULL)
+        return;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+        if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0)
+            continue;
+        char path[512];
+        snprintf(path, sizeof path, "%s/%s", test_dir, entry->d_name);
+        if (unlink(path) < 0)
+            rmdir(path);
+    }
+    closedir(dir);
+    rmdir(test_dir);
+}
+
+TestSuite(npy, .init = make_test_dir, .fini = remove_test_dir, .timeout = 30);
+
+/* Returns test_dir/name in a static buffer; each call overwrites it. */
+static const char *test_path(const char *name)
+{
+    static char path[512];
+    snprintf(path, sizeof path, "%s/%s", test_dir, name);
+    return path;
+}
+
+static void write_bytes(const char *path, const void *bytes, size_t count)
+{
+    FILE *f = fopen(path, "wb");
+    cr_assert_not_null(f, "fopen(%s) failed: %s", path, strerror(errno));
+    cr_assert_eq(fwrite(bytes, 1, count, f), count, "short write to %s", path);
+    cr_assert_eq(fclose(f), 0, "fclose(%s) failed", path);
+}
+
+/* Reads a whole file into a malloc'd buffer and stores its size. */
+static uint8_t *read_bytes(const char *path, size_t *count)
+{
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "fopen(%s) failed: %s", path, strerror(errno));
+    cr_assert_eq(fseek(f, 0, SEEK_END), 0);
+    long size = ftell(f);
+    cr_assert_geq(size, 0);
+    rewind(f);
+    uint8_t *bytes = malloc((size_t)size + 1);
+    cr_assert_not_null(bytes);
+    cr_assert_eq(fread(bytes, 1, (size_t)size, f), (size_t)size);
+    fclose(f);
+    *count = (size_t)size;
+    return bytes;
+}
+
+/* Builds a .npy file image from a header dict: the prefix for the version,
+ * the dict padded with spaces and a newline to a multiple of 64 bytes, and
+ * data_bytes bytes of data. Returns the image size. */
+static size_t build_npy(uint8_t *out, size_t capacity, unsigned major,
+                        unsigned minor, const char *dict, size_t data_bytes)
+{
+    size_t prefix_bytes = major == 1 ? 10 : 12;
+    size_t dict_bytes = strlen(dict);
+    size_t header_bytes = dict_bytes + 1;
+    header_bytes += (64 - (prefix_bytes + header_bytes) % 64) % 64;
+    size_t total = prefix_bytes + header_bytes + data_bytes;
+    cr_assert_leq(total, capacity, "test image of %zu bytes too large", total);
+
+    memcpy(out, "\x93NUMPY", 6);
+    out[6] = (uint8_t)major;
+    out[7] = (uint8_t)minor;
+    for (size_t i = 0; i < prefix_bytes - 8; i++)
+        out[8 + i] = (uint8_t)(header_bytes >> (8 * i));
+    memcpy(out + prefix_bytes, dict, dict_bytes);
+    memset(out + prefix_bytes + dict_bytes, ' ', header_bytes - dict_bytes - 1);
+    out[prefix_bytes + header_bytes - 1] = '\n';
+    for (size_t i = 0; i < data_bytes; i++)
+        out[prefix_bytes + header_bytes + i] = (uint8_t)i;
+    return total;
+}
+
+/* Asserts that the last error message contains `text`. */
+#define expect_message_contains(text)                                          \
+    do {                                                                       \
+        const char *msg_ = moe_error_message();                                \
+        cr_assert_not_null(strstr(msg_, (text)),                               \
+                           "message \"%s\" does not contain \"%s\"", msg_,     \
+                           (text));                                            \
+    } while (0)
+
+/* Writes `count` bytes to a file named `name`, reads it back, and asserts
+ * -EINVAL, cleared outputs and a message naming the file and `reason`. */
+#define expect_rejected(name, bytes, count, reason)                            \
+    do {                                                                       \
+        const char *path_ = test_path(name);                                   \
+        write_bytes(path_, (bytes), (count));                                  \
+        static float sentinel_;                                                \
+        float *data_ = &sentinel_;                                             \
+        int64_t rows_ = -1, cols_ = -1;                                        \
+        moe_error_clear();                                                     \
+        int rc_ = moe_npy_read_f32(path_, &data_, &rows_, &cols_);             \
+        cr_assert_eq(rc_, -EINVAL, "%s: rc %d, expected -EINVAL (%s)", name,   \
+                     rc_, moe_error_message());                                \
+        cr_assert_null(data_, "%s: data not NULL after a failure", name);      \
+        cr_assert_eq(rows_, 0, "%s: rows not 0 after a failure", name);        \
+        cr_assert_eq(cols_, 0, "%s: cols not 0 after a failure", name);        \
+        expect_message_contains(path_);                                        \
+        expect_message_contains(reason);                                       \
+    } while (0)
+
+/* Builds a version 1.0 file from `dict` and expects it to be rejected. */
+#define expect_dict_rejected(name, dict, data_bytes, reason)                   \
+    do {                                                                       \
+        uint8_t image_[512];                                                   \
+        size_t count_ = build_npy(image_, sizeof image_, 1, 0, (dict),         \
+                                  (data_bytes));                               \
+        expect_rejected(name, image_, count_, reason);                         \
+    } while (0)
+
+/* ---- writing and reading ---------------------------------------------- */
+
+Test(npy, round_trip_is_bitwise)
+{
+    /* Values whose bits a conversion could change: NaN payloads, -0,
+     * infinities, subnormals. */
+    enum { ROWS = 7, COLS = 5 };
+    float data[ROWS * COLS];
+    for (int i = 0; i < ROWS * COLS; i++)
+        data[i] = (float)i * 0.37f - 3.0f;
+    data[0] = float_from_bits(0x7fc12345);
+    data[1] = float_from_bits(0xffbfffff);
+    data[2] = -0.0f;
+    data[3] = INFINITY;
+    data[4] = -INFINITY;
+    data[5] = float_from_bits(0x00000001);
+
+    const char *path = test_path("round_trip.npy");
+    cr_assert_eq(moe_npy_write_f32(path, data, ROWS, COLS), 0, "%s",
+                 moe_error_message());
+
+    float *read = NULL;
+    int64_t rows = 0, cols = 0;
+    cr_assert_eq(moe_npy_read_f32(path, &read, &rows, &cols), 0, "%s",
+                 moe_error_message());
+    cr_assert_eq(rows, ROWS);
+    cr_assert_eq(cols, COLS);
+    expect_bitwise_equal(read, data, ROWS * COLS, "round trip");
+    free(read);
+}
+
+Test(npy, empty_arrays_round_trip)
+{
+    const int64_t shapes[][2] = {{0, 0}, {0, 7}, {7, 0}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        const char *path = test_path("empty.npy");
+        cr_assert_eq(moe_npy_write_f32(path, NULL, shapes[i][0], shapes[i][1]),
+                     0, "%s", moe_error_message());
+
+        float *read = NULL;
+        int64_t rows = -1, cols = -1;
+        cr_assert_eq(moe_npy_read_f32(path, &read, &rows, &cols), 0, "%s",
+                     moe_error_message());
+        cr_assert_not_null(read, "an empty array must still be non-NULL");
+        cr_assert_eq(rows, shapes[i][0]);
+        cr_assert_eq(cols, shapes[i][1]);
+        free(read);
+    }
+}
+
+Test(npy, header_aligned_to_64)
+{
+    /* Zero-sized shapes keep the files small while the digit counts vary. */
+    const int64_t shapes[][2] = {
+        {0, 0},        {1, 1},         {3, 5},
+        {0, 12345678}, {12345678, 0},  {0, INT64_MAX},
+        {INT64_MAX, 0}, {10, 100},     {99999, 0},
+    };
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        int64_t rows = shapes[i][0], cols = shapes[i][1];
+        size_t count = (size_t)(rows * cols);
+        float *data = calloc(count > 0 ? count : 1, sizeof(float));
+        cr_assert_not_null(data);
+
+        const char *path = test_path("aligned.npy");
+        cr_assert_eq(moe_npy_write_f32(path, data, rows, cols), 0, "%s",
+                     moe_error_message());
+        free(data);
+
+        size_t size;
+        uint8_t *bytes = read_bytes(path, &size);
+        cr_assert_geq(size, 10);
+        size_t header_len = (size_t)bytes[8] | (size_t)bytes[9] << 8;
+        size_t data_offset = 10 + header_len;
+        cr_assert_eq(data_offset % 64, 0,
+                     "shape (%" PRId64 ", %" PRId64 "): data starts at %zu",
+                     rows, cols, data_offset);
+        cr_assert_eq(size, data_offset + count * sizeof(float));
+        cr_assert_eq(bytes[6], 1, "writer must use version 1.0");
+        cr_assert_eq(bytes[7], 0);
+        cr_assert_eq(bytes[data_offset - 1], '\n',
+                     "header must end with a newline");
+
+        struct moe_npy_header h;
+        cr_assert_eq(moe_npy_parse_header(bytes, size, path, &h), 0, "%s",
+                     moe_error_message());
+        cr_assert_str_eq(h.descr, "<f4");
+        cr_assert_eq(h.fortran_order, 0);
+        cr_assert_eq(h.ndim, 2);
+        cr_assert_eq(h.shape[0], rows);
+        cr_assert_eq(h.shape[1], cols);
+        cr_assert_eq(h.data_offset, data_offset);
+        free(bytes);
+    }
+}
+
+Test(npy, writer_matches_np_save)
+{
+    float data[6];
+    for (int i = 0; i < 6; i++)
+        data[i] = float_from_bits(numpy_fixture_bits[i]);
+
+    const char *path = test_path("like_numpy.npy");
+    cr_assert_eq(moe_npy_write_f32(path, data, 2, 3), 0, "%s",
+                 moe_error_message());
+
+    size_t size;
+    uint8_t *bytes = read_bytes(path, &size);
+    cr_assert_eq(size, sizeof numpy_v1_file);
+    for (size_t i = 0; i < size; i++)
+        cr_assert_eq(bytes[i], numpy_v1_file[i],
+                     "byte %zu is 0x%02x, np.save wrote 0x%02x", i, bytes[i],
+                     numpy_v1_file[i]);
+    free(bytes);
+}
+
+/* Reads `bytes` as a file and checks it against the numpy fixture values. */
+static void expect_reads_numpy_fixture(const char *name, const uint8_t *bytes,
+                                       size_t count)
+{
+    const char *path = test_path(name);
+    write_bytes(path, bytes, count);
+
+    float *read = NULL;
+    int64_t rows = 0, cols = 0;
+    cr_assert_eq(moe_npy_read_f32(path, &read, &rows, &cols), 0, "%s",
+                 moe_error_message());
+    cr_assert_eq(rows, 2);
+    cr_assert_eq(cols, 3);
+
+    float expected[6];
+    for (int i = 0; i < 6; i++)
+        expected[i] = float_from_bits(numpy_fixture_bits[i]);
+    expect_bitwise_equal(read, expected, 6, name);
+    free(read);
+}
+
+Test(npy, reads_numpy_version_1)
+{
+    expect_reads_numpy_fixture("v1.npy", numpy_v1_file, sizeof numpy_v1_file);
+}
+
+Test(npy, reads_numpy_version_2)
+{
+    uint8_t v2[sizeof numpy_v3_file];
+    memcpy(v2, numpy_v3_file, sizeof v2);
+    v2[6] = 2;
+    expect_reads_numpy_fixture("v2.npy", v2, sizeof v2);
+}
+
+Test(npy, reads_numpy_version_3)
+{
+    expect_reads_numpy_fixture("v3.npy", numpy_v3_file, sizeof numpy_v3_file);
+}
+
+Test(npy, reads_other_header_layouts)
+{
+    /* Other writers may use double quotes, other key orders, no spaces or
+     * no trailing comma. */
+    const char *dicts[] = {
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }",
+        "{\"descr\":\"<f4\",\"fortran_order\":False,\"shape\":(2,3)}",
+        "{'shape': (2, 3), 'fortran_order': False, 'descr': '<f4'}",
+        "{ 'descr' : '<f4' ,\n 'fortran_order' : False ,\n"
+        " 'shape' : ( 2 , 3 , ) , }",
+    };
+    for (size_t i = 0; i < sizeof dicts / sizeof dicts[0]; i++) {
+        uint8_t image[256];
+        size_t count = build_npy(image, sizeof image, 1, 0, dicts[i], 24);
+        const char *path = test_path("layout.npy");
+        write_bytes(path, image, count);
+
+        float *read = NULL;
+        int64_t rows = 0, cols = 0;
+        cr_assert_eq(moe_npy_read_f32(path, &read, &rows, &cols), 0,
+                     "dict %zu: %s", i, moe_error_message());
+        cr_assert_eq(rows, 2);
+        cr_assert_eq(cols, 3);
+        free(read);
+    }
+
+    /* The format does not require 64-byte alignment. Here the data starts
+     * at byte 80, a multiple of 16 but not of 64. */
+    const char *dict16 = "{'descr':'<f4','fortran_order':False,'shape':(2,3)}";
+    uint8_t image[128];
+    size_t dict_bytes = strlen(dict16);
+    size_t header_bytes = 70;
+    cr_assert_lt(dict_bytes + 1, header_bytes);
+    memcpy(image, "\x93NUMPY\x01\x00", 8);
+    image[8] = (uint8_t)header_bytes;
+    image[9] = 0;
+    memcpy(image + 10, dict16, dict_bytes);
+    memset(image + 10 + dict_bytes, ' ', header_bytes - dict_bytes - 1);
+    image[10 + header_bytes - 1] = '\n';
+    memset(image + 10 + header_bytes, 0, 24);
+    const char *path = test_path("align16.npy");
+    write_bytes(path, image, 10 + header_bytes + 24);
+
+    float *read = NULL;
+    int64_t rows = 0, cols = 0;
+    cr_assert_eq(moe_npy_read_f32(path, &read, &rows, &cols), 0, "%s",
+                 moe_error_message());
+    cr_assert_eq(rows, 2);
+    cr_assert_eq(cols, 3);
+    free(read);
+}
+
+/* ---- rejected files --------------------------------------------------- */
+
+Test(npy, rejects_bad_magic)
+{
+    uint8_t image[sizeof numpy_v1_file];
+    memcpy(image, numpy_v1_file, sizeof image);
+    image[5] = 'Z';
+    expect_rejected("magic.npy", image, sizeof image, "not a .npy file");
+    expect_message_contains("bad magic");
+
+    expect_rejected("text.npy", "hello, world\n", 13, "bad magic");
+    expect_rejected("short.npy", "\x93NU", 3, "truncated");
+    expect_rejected("empty.npy", "", 0, "truncated");
+}
+
+Test(npy, rejects_unsupported_version)
+{
+    uint8_t image[sizeof numpy_v1_file];
+    memcpy(image, numpy_v1_file, sizeof image);
+    image[6] = 4;
+    expect_rejected("v4.npy", image, sizeof image,
+                    "unsupported .npy format version 4.0");
+
+    image[6] = 1;
+    image[7] = 1;
+    expect_rejected("v1_1.npy", image, sizeof image, "version 1.1");
+
+    image[6] = 0;
+    image[7] = 0;
+    expect_rejected("v0.npy", image, sizeof image, "version 0.0");
+}
+
+Test(npy, rejects_malformed_header)
+{
+    static const struct {
+        const char *dict;
+        const char *reason;
+    } cases[] = {
+        {"", "does not start with '{'"},
+        {"'descr': '<f4'", "does not start with '{'"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), ",
+         "expected a quoted string"},
+        {"{'descr': '<f4', 'fortran_order': False}", "missing key 'shape'"},
+        {"{'fortran_order': False, 'shape': (2, 3)}", "missing key 'descr'"},
+        {"{'descr': '<f4', 'shape': (2, 3)}", "missing key 'fortran_order'"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), "
+         "'extra': 1}",
+         "unexpected key 'extra'"},
+        {"{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, "
+         "'shape': (2, 3)}",
+         "duplicate key"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (6)}",
+         "is an int, not a tuple"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': [2, 3]}",
+         "shape must be a tuple"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, -3)}",
+         "expected a non-negative integer"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 03)}",
+         "leading zero"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2 3)}",
+         "expected ',' or ')'"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3L)}",
+         "expected ',' or ')'"},
+        {"{'descr': '<f4', 'fortran_order': False, "
+         "'shape': (1, 1, 1, 1, 1, 1, 1, 1, 1)}",
+         "more than 8 dimensions"},
+        {"{'descr': '<f4', 'fortran_order': False, "
+         "'shape': (99999999999999999999, 1)}",
+         "does not fit in 64 bits"},
+        {"{'descr': '<f4', 'fortran_order': 0, 'shape': (2, 3)}",
+         "True or False"},
+        {"{'descr': '<f4', 'fortran_order': Falsey, 'shape': (2, 3)}",
+         "True or False"},
+        {"{'descr' '<f4', 'fortran_order': False, 'shape': (2, 3)}",
+         "expected ':' after a key"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3)} x",
+         "unexpected text after the header dict"},
+        {"{'descr': '<f4' 'fortran_order': False, 'shape': (2, 3)}",
+         "expected ',' or '}'"},
+        {"{'descr': '<\\x66\\x34', 'fortran_order': False, 'shape': (2, 3)}",
+         "escape sequences"},
+        {"{'descr\t': '<f4', 'fortran_order': False, 'shape': (2, 3)}",
+         "control character"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "malformed%zu.npy", i);
+        expect_dict_rejected(name, cases[i].dict, 24, "malformed .npy header");
+        expect_message_contains(cases[i].reason);
+    }
+}
+
+Test(npy, rejects_unterminated_string)
+{
+    /* The header region ends inside the string, so the parser must stop at
+     * its end rather than scan into the data. */
+    const char *dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, "
+                       "3), 'x";
+    uint8_t image[128];
+    size_t dict_bytes = strlen(dict);
+    memcpy(image, "\x93NUMPY\x01\x00", 8);
+    image[8] = (uint8_t)dict_bytes;
+    image[9] = 0;
+    memcpy(image + 10, dict, dict_bytes);
+    memset(image + 10 + dict_bytes, '\'', 24);
+    expect_rejected("unterminated.npy", image, 10 + dict_bytes + 24,
+                    "unterminated string");
+}
+
+Test(npy, rejects_truncated_header)
+{
+    /* The length field promises 118 header bytes; only 50 follow. */
+    expect_rejected("cut_header.npy", numpy_v1_file, 60,
+                    "truncated .npy header");
+    expect_message_contains("expected 128 header bytes, found 60");
+
+    expect_rejected("cut_length.npy", numpy_v3_file, 10, "truncated");
+    expect_message_contains("header length field");
+}
+
+Test(npy, rejects_oversized_header_length)
+{
+    uint8_t image[sizeof numpy_v3_file];
+    memcpy(image, numpy_v3_file, sizeof image);
+    image[8] = 0xff;
+    image[9] = 0xff;
+    image[10] = 0xff;
+    image[11] = 0xff;
+    expect_rejected("huge_header.npy", image, sizeof image,
+                    "header length 4294967295 bytes exceeds");
+}
+
+Test(npy, rejects_wrong_dtype)
+{
+    static const struct {
+        const char *dict;
+        const char *reason;
+    } cases[] = {
+        {"{'descr': '<f8', 'fortran_order': False, 'shape': (2, 3), }",
+         "unsupported dtype '<f8'; expected float32 ('<f4')"},
+        {"{'descr': '>f4', 'fortran_order': False, 'shape': (2, 3), }",
+         "unsupported dtype '>f4'"},
+        {"{'descr': '=f4', 'fortran_order': False, 'shape': (2, 3), }",
+         "unsupported dtype '=f4'"},
+        {"{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }",
+         "unsupported dtype '<i4'"},
+        {"{'descr': '<f4                ', 'fortran_order': False, "
+         "'shape': (2, 3), }",
+         "descr is longer than 15 characters"},
+        {"{'descr': [('a', '<f4')], 'fortran_order': False, "
+         "'shape': (2, 3), }",
+         "structured dtype"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "dtype%zu.npy", i);
+        expect_dict_rejected(name, cases[i].dict, 24, cases[i].reason);
+        expect_message_contains("float32");
+    }
+}
+
+Test(npy, rejects_fortran_order)
+{
+    expect_dict_rejected(
+        "fortran.npy",
+        "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", 24,
+        "Fortran (column-major) order");
+}
+
+Test(npy, rejects_other_ranks)
+{
+    expect_dict_rejected(
+        "rank1.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (6,), }",
+        24, "shape (6,); expected a 2-D array");
+    expect_dict_rejected(
+        "rank3.npy",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 3), }", 24,
+        "shape (1, 2, 3); expected a 2-D array");
+    expect_dict_rejected(
+        "rank0.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (), }",
+        4, "shape (); expected a 2-D array");
+}
+
+Test(npy, rejects_truncated_data)
+{
+    expect_rejected("cut_data.npy", numpy_v1_file, sizeof numpy_v1_file - 4,
+                    "truncated .npy data: expected 24 bytes after the header, "
+                    "found 20");
+    expect_rejected("no_data.npy", numpy_v1_file, 128,
+                    "expected 24 bytes after the header, found 0");
+}
+
+Test(npy, rejects_size_overflow)
+{
+    /* 2^62 rows of 4 floats is 2^66 bytes; INT64_MAX squared overflows the
+     * element count itself. */
+    expect_dict_rejected("overflow1.npy",
+                         "{'descr': '<f4', 'fortran_order': False, "
+                         "'shape': (4611686018427387904, 4), }",
+                         0, "its size in bytes overflows");
+    expect_dict_rejected("overflow2.npy",
+                         "{'descr': '<f4', 'fortran_order': False, "
+                         "'shape': (9223372036854775807, "
+                         "9223372036854775807), }",
+                         0, "too large");
+    /* 2^61 floats is 2^63 bytes, one more than INT64_MAX. */
+    expect_dict_rejected("overflow3.npy",
+                         "{'descr': '<f4', 'fortran_order': False, "
+                         "'shape': (2305843009213693952, 1), }",
+                         0, "overflows");
+}
+
+Test(npy, rejects_huge_shape_in_small_file)
+{
+    /* The size fits in 64 bits but the file is tiny: the reader must report
+     * truncation from the file size, not try to allocate 4 TiB. */
+    expect_dict_rejected("huge.npy",
+                         "{'descr': '<f4', 'fortran_order': False, "
+                         "'shape': (1048576, 1048576), }",
+                         24,
+                         "expected 4398046511104 bytes after the header, "
+                         "found 24");
+}
+
+Test(npy, rejects_trailing_bytes)
+{
+    uint8_t image[sizeof numpy_v1_file + 3];
+    memcpy(image, numpy_v1_file, sizeof numpy_v1_file);
+    memset(image + sizeof numpy_v1_file, 0xab, 3);
+    expect_rejected("trailing.npy", image, sizeof image,
+                    "3 trailing bytes after the 24 bytes of data");
+}
+
+Test(npy, read_missing_file_fails)
+{
+    const char *path = test_path("missing.npy");
+    float *data = NULL;
+    int64_t rows, cols;
+    int rc = moe_npy_read_f32(path, &data, &rows, &cols);
+    cr_assert_eq(rc, -ENOENT, "rc %d: %s", rc, moe_error_message());
+    cr_assert_null(data);
+    expect_message_contains(path);
+    expect_message_contains("open failed");
+}
+
+/* ---- header parser on memory ------------------------------------------ */
+
+Test(npy, parse_header_reads_only_len_bytes)
+{
+    /* Each prefix of the header lives in a heap block of exactly its size,
+     * so that an ASan build reports any read past len. */
+    for (size_t len = 0; len <= 128; len++) {
+        uint8_t *buf = malloc(len > 0 ? len : 1);
+        cr_assert_not_null(buf);
+        memcpy(buf, numpy_v1_file, len);
+
+        struct moe_npy_header h;
+        int rc = moe_npy_parse_header(buf, len, "prefix", &h);
+        if (len < 128) {
+            cr_assert_eq(rc, -EINVAL, "prefix of %zu bytes accepted", len);
+            expect_message_contains("prefix");
+        } else {
+            cr_assert_eq(rc, 0, "%s", moe_error_message());
+            cr_assert_str_eq(h.descr, "<f4");
+            cr_assert_eq(h.fortran_order, 0);
+            cr_assert_eq(h.ndim, 2);
+            cr_assert_eq(h.shape[0], 2);
+            cr_assert_eq(h.shape[1], 3);
+            cr_assert_eq(h.data_offset, 128);
+        }
+        free(buf);
+    }
+}
+
+Test(npy, parse_header_ignores_data_after_header)
+{
+    struct moe_npy_header h;
+    cr_assert_eq(moe_npy_parse_header(numpy_v3_file, sizeof numpy_v3_file,
+                                      "v3", &h),
+                 0, "%s", moe_error_message());
+    cr_assert_eq(h.data_offset, 128);
+    cr_assert_eq(h.ndim, 2);
+}
+
+Test(npy, parse_header_reports_offset_and_default_name)
+{
+    uint8_t image[256];
+    size_t count = build_npy(image, sizeof image, 1, 0,
+                             "{'descr': '<f4', 'fortran_order': Nope}", 0);
+    struct moe_npy_header h;
+    cr_assert_eq(moe_npy_parse_header(image, count, NULL, &h), -EINVAL);
+    expect_message_contains("<buffer>");
+    /* 'N' of Nope is byte 44 of the file: 10 bytes of prefix + 34. */
+    expect_message_contains("at byte 44");
+}
+
+Test(npy, parse_header_keeps_other_ranks_and_dtypes)
+{
+    /* The parser leaves dtype, order and rank checks to its caller. */
+    uint8_t image[256];
+    size_t count = build_npy(
+        image, sizeof image, 3, 0,
+        "{'descr': '<f8', 'fortran_order': True, 'shape': (4, 0, 5), }", 0);
+    struct moe_npy_header h;
+    cr_assert_eq(moe_npy_parse_header(image, count, "any", &h), 0, "%s",
+                 moe_error_message());
+    cr_assert_str_eq(h.descr, "<f8");
+    cr_assert_eq(h.fortran_order, 1);
+    cr_assert_eq(h.ndim, 3);
+    cr_assert_eq(h.shape[0], 4);
+    cr_assert_eq(h.shape[1], 0);
+    cr_assert_eq(h.shape[2], 5);
+    cr_assert_eq(h.data_offset, 128);
+}
+
+/* ---- write failures --------------------------------------------------- */
+
+Test(npy, write_to_missing_directory_fails)
+{
+    const char *path = test_path("no_such_dir/out.npy");
+    float value = 1.0f;
+    int rc = moe_npy_write_f32(path, &value, 1, 1);
+    cr_assert_eq(rc, -ENOENT, "rc %d: %s", rc, moe_error_message());
+    expect_message_contains(path);
+    expect_message_contains("No such file or directory");
+}
+
+Test(npy, failed_rename_leaves_no_file)
+{
+    /* Renaming a file over a directory fails after the data is written,
+     * which is the last point where a half-written file could be left. */
+    char target[512];
+    snprintf(target, sizeof target, "%s", test_path("a_directory"));
+    cr_assert_eq(mkdir(target, 0755), 0, "mkdir failed: %s", strerror(errno));
+
+    float data[4] = {1, 2, 3, 4};
+    int rc = moe_npy_write_f32(target, data, 2, 2);
+    cr_assert_eq(rc, -EISDIR, "rc %d: %s", rc, moe_error_message());
+    expect_message_contains(target);
+    expect_message_contains("rename");
+
+    DIR *dir = opendir(test_dir);
+    cr_assert_not_null(dir);
+    int entries = 0;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+        if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0)
+            continue;
+        cr_assert_str_eq(entry->d_name, "a_directory",
+                         "leftover file %s", entry->d_name);
+        entries++;
+    }
+    closedir(dir);
+    cr_assert_eq(entries, 1);
+}
+
+Test(npy, write_replaces_existing_file)
+{
+    const char *path = test_path("replace.npy");
+    float first[6] = {1, 2, 3, 4, 5, 6};
+    float second[2] = {7, 8};
+    cr_assert_eq(moe_npy_write_f32(path, first, 2, 3), 0);
+    cr_assert_eq(moe_npy_write_f32(path, second, 1, 2), 0);
+
+    float *read = NULL;
+    int64_t rows, cols;
+    cr_assert_eq(moe_npy_read_f32(path, &read, &rows, &cols), 0, "%s",
+                 moe_error_message());
+    cr_assert_eq(rows, 1);
+    cr_assert_eq(cols, 2);
+    expect_bitwise_equal(read, second, 2, "replaced file");
+    free(read);
+}
+
+Test(npy, write_rejects_invalid_shape)
+{
+    const char *path = test_path("bad_shape.npy");
+    float value = 0;
+    cr_assert_eq(moe_npy_write_f32(path, &value, -1, 1), -EINVAL);
+    expect_message_contains(path);
+    expect_message_contains("dimensions must be >= 0");
+
+    cr_assert_eq(moe_npy_write_f32(path, &value, INT64_MAX, 2), -EINVAL);
+    expect_message_contains("overflows");
+
+    cr_assert_eq(moe_npy_write_f32(path, NULL, 1, 1), -EINVAL);
+    expect_message_contains("data is NULL");
+    cr_assert_eq(access(path, F_OK), -1, "a rejected write created a file");
+}
