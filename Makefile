@@ -60,6 +60,8 @@ test: deps
 	$(MAKE) check
 
 sanitize: deps
+	ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/tools/lsan.supp \
+	UBSAN_OPTIONS=print_stacktrace=1 \
 	$(MAKE) BUILD=build-san \
 	    CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
 	    check

@@ -5,15 +5,20 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 static _Thread_local char error_text[512];
 
 int moe_fail(int code, const char *format, ...)
 {
+    /* Format into a copy first: callers often pass moe_error_message() as
+     * an argument to wrap the previous message with context. */
+    char text[sizeof error_text];
     va_list args;
     va_start(args, format);
-    vsnprintf(error_text, sizeof error_text, format, args);
+    vsnprintf(text, sizeof text, format, args);
     va_end(args);
+    memcpy(error_text, text, sizeof text);
     return code;
 }
 

@@ -180,8 +180,10 @@ static int load_tokens(struct moe_run_options *o, float **tokens)
 
     int64_t rows, cols;
     int rc = moe_npy_read_f32(o->input_path, tokens, &rows, &cols);
-    if (rc)
+    if (rc == -ENOMEM)
         return rc;
+    if (rc) /* a missing or unreadable file is bad input too */
+        return moe_fail(-EINVAL, "invalid --input file: %s", moe_error_message());
     if (rows < 1 || rows > MAX_TOKENS || cols < 1 || cols > MAX_HIDDEN ||
         (o->tokens_given && rows != o->shape.tokens) ||
         (o->hidden_given && cols != o->shape.hidden)) {
@@ -239,6 +241,27 @@ static void corrupt_for_testing(float *output, int64_t count)
     }
 }
 
+/* Rejects an --output path whose directory cannot be written, before the
+ * run rather than after it. */
+static int check_output_path(const char *path)
+{
+    if (!path)
+        return 0;
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        snprintf(dir, sizeof dir, ".");
+    else if (slash == dir)
+        dir[1] = '\0';
+    else
+        *slash = '\0';
+    if (access(dir, W_OK) != 0)
+        return moe_fail(-EINVAL, "invalid --output file '%s': directory '%s' "
+                        "is not writable: %s", path, dir, strerror(errno));
+    return 0;
+}
+
 int moe_run(const struct moe_run_options *options, struct moe_run_result *result)
 {
     *result = (struct moe_run_result){.options = *options};
@@ -248,6 +271,8 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
     struct moe_launch launch = {0};
     int rc;
 
+    if ((rc = check_output_path(o->output_path)))
+        return rc;
     if ((rc = load_tokens(o, &tokens)))
         return rc;
     const struct moe_shape *s = &o->shape;

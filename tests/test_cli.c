@@ -1,0 +1,288 @@
+/*
+ * test_cli.c - the moe-ep program end to end: exit statuses 0, 1, 2 and 3,
+ * error messages that name the flag and the value, outputs that are
+ * byte-identical across rank counts, and no segment left behind after a
+ * failure or a signal.
+ *
+ * The program is found next to the test binary's directory
+ * (BUILD/tests/test_cli -> BUILD/moe-ep).
+ */
+#include "test_util.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+struct outcome {
+    int status;     /* exit status, or 128 + signal */
+    char out[65536]; /* stdout, truncated */
+    char err[8192];  /* stderr, truncated */
+    double seconds;
+};
+
+static void program_path(char *path, size_t size)
+{
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    cr_assert_gt(n, 0);
+    self[n] = '\0';
+    snprintf(path, size, "%s/../moe-ep", dirname(self));
+}
+
+static void read_file(const char *path, char *buf, size_t size)
+{
+    FILE *f = fopen(path, "r");
+    cr_assert_not_null(f, "open %s", path);
+    size_t n = fread(buf, 1, size - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+}
+
+/* Counts leaked moe-ep segments in /dev/shm: those whose launcher, named
+ * by the pid in the segment name, no longer runs. Live runs of tests that
+ * run in parallel are not counted. */
+static int segment_count(void)
+{
+    DIR *dir = opendir("/dev/shm");
+    int count = 0;
+    struct dirent *entry;
+    while (dir && (entry = readdir(dir)) != NULL) {
+        long pid;
+        if (sscanf(entry->d_name, "moe-ep-%ld-", &pid) == 1 &&
+            kill((pid_t)pid, 0) != 0)
+            count++;
+    }
+    if (dir)
+        closedir(dir);
+    return count;
+}
+
+/* Runs moe-ep with argv (NULL-terminated, without the program name) and
+ * an optional environment assignment; sends `signal_after` to it after
+ * `delay_ms` when non-zero. Kills it after 60 s so a hang fails the test. */
+static void run_program(struct outcome *o, const char *env, int signal_after,
+                        int delay_ms, const char *const *args)
+{
+    char program[PATH_MAX + 16], out_path[] = "/tmp/moe-ep-cli-outXXXXXX",
+         err_path[] = "/tmp/moe-ep-cli-errXXXXXX";
+    program_path(program, sizeof program);
+    int out_fd = mkstemp(out_path), err_fd = mkstemp(err_path);
+    cr_assert(out_fd >= 0 && err_fd >= 0);
+
+    const char *argv[64] = {program};
+    int argc = 1;
+    for (; args[argc - 1]; argc++)
+        argv[argc] = args[argc - 1];
+    argv[argc] = NULL;
+
+    struct timespec start, end;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        dup2(out_fd, 1);
+        dup2(err_fd, 2);
+        if (env)
+            putenv((char *)env);
+        execv(program, (char *const *)argv);
+        _exit(127);
+    }
+
+    int status = 0, waited_ms = 0, signalled = 0;
+    while (waitpid(pid, &status, WNOHANG) == 0) {
+        usleep(10000);
+        waited_ms += 10;
+        if (signal_after && !signalled && waited_ms >= delay_ms) {
+            kill(pid, signal_after);
+            signalled = 1;
+        }
+        if (waited_ms > 60000) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            cr_assert_fail("moe-ep did not finish within 60 s");
+        }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    o->seconds = (double)(end.tv_sec - start.tv_sec) +
+                 (double)(end.tv_nsec - start.tv_nsec) / 1e9;
+    o->status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    read_file(out_path, o->out, sizeof o->out);
+    read_file(err_path, o->err, sizeof o->err);
+    close(out_fd);
+    close(err_fd);
+    unlink(out_path);
+    unlink(err_path);
+}
+
+#define SMALL "--tokens", "64", "--hidden", "32", "--ffn", "48", "--experts", "6"
+
+Test(cli, default_shape_is_bitwise_equal, .timeout = 60)
+{
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", NULL});
+    cr_assert_eq(o.status, 0, "stderr: %s", o.err);
+    cr_assert_not_null(strstr(o.out, "4 ranks"));
+    cr_assert_not_null(strstr(o.out, "tokens per expert"));
+    cr_assert_not_null(strstr(o.out, "imbalance"));
+    cr_assert_not_null(strstr(o.out, "all-to-all traffic"));
+    cr_assert_not_null(strstr(o.out, "step times per rank"));
+    /* The golden check is the last line. */
+    const char *last = strstr(o.out, "golden check: bitwise equal");
+    cr_assert_not_null(last, "stdout: %s", o.out);
+    cr_assert_null(strchr(strchr(last, '\n') + 1, '\n'), "the check is not last");
+}
+
+Test(cli, output_identical_across_ranks, .timeout = 120)
+{
+    char first[4096] = {0};
+    size_t first_size = 0;
+    for (int ranks = 1; ranks <= 8; ranks++) {
+        char ranks_text[8], path[64];
+        snprintf(ranks_text, sizeof ranks_text, "%d", ranks);
+        snprintf(path, sizeof path, "/tmp/moe-ep-cli-%ld-%d.npy", (long)getpid(), ranks);
+        struct outcome o;
+        run_program(&o, NULL, 0, 0,
+                    (const char *[]){"run", "--ranks", ranks_text, "--tokens", "13",
+                                     "--hidden", "24", "--ffn", "16", "--experts",
+                                     "5", "--top-k", "2", "--output", path, NULL});
+        cr_assert_eq(o.status, 0, "ranks %d: %s", ranks, o.err);
+        char data[4096];
+        FILE *f = fopen(path, "rb");
+        cr_assert_not_null(f);
+        size_t n = fread(data, 1, sizeof data, f);
+        fclose(f);
+        unlink(path);
+        cr_assert_gt(n, 128 + 13 * 24 * 4 - 1, "the .npy file holds the (13, 24) output");
+        if (ranks == 1) {
+            memcpy(first, data, n);
+            first_size = n;
+            continue;
+        }
+        cr_assert_eq(n, first_size);
+        cr_assert(memcmp(first, data, n) == 0, "ranks %d output differs from ranks 1", ranks);
+    }
+}
+
+Test(cli, mismatch_exits_1, .timeout = 60)
+{
+    struct outcome o;
+    run_program(&o, "MOE_EP_CORRUPT_OUTPUT=5", 0, 0,
+                (const char *[]){"run", SMALL, NULL});
+    cr_assert_eq(o.status, 1, "stderr: %s", o.err);
+    cr_assert_not_null(strstr(o.out, "MISMATCH at token 0, column 5"), "%s", o.out);
+}
+
+struct bad_flag {
+    const char *flag, *value, *expected; /* expected text in the message */
+};
+
+Test(cli, invalid_flags_exit_2, .timeout = 60)
+{
+    static const struct bad_flag cases[] = {
+        {"--ranks", "0", "invalid --ranks value '0'"},
+        {"--ranks", "65", "invalid --ranks value '65'"},
+        {"--ranks", "two", "invalid --ranks value 'two'"},
+        {"--tokens", "-3", "invalid --tokens value '-3'"},
+        {"--tokens", "99999999999999999999", "invalid --tokens value"},
+        {"--hidden", "0", "invalid --hidden value '0'"},
+        {"--ffn", "1.5", "invalid --ffn value '1.5'"},
+        {"--experts", "0", "invalid --experts value '0'"},
+        {"--top-k", "7", "invalid --top-k value 7: it exceeds --experts 6"},
+        {"--seed", "-1", "invalid --seed value '-1'"},
+        {"--timeout", "0", "invalid --timeout value '0'"},
+        {"--timeout", "nan", "invalid --timeout value 'nan'"},
+        {"--ring-size", "1000", "expected a power of two"},
+        {"--ring-size", "32", "invalid --ring-size value '32'"},
+        {"--ring-size", "2G", "invalid --ring-size value '2G'"},
+        {"--bogus", "1", "unknown option '--bogus'"},
+        {"--input", "/nonexistent/tokens.npy", "/nonexistent/tokens.npy"},
+        {"--output", "/nonexistent/out.npy", "invalid --output file '/nonexistent/out.npy'"},
+        {"--hidden", "65536", "needs about"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct outcome o;
+        const struct bad_flag *c = &cases[i];
+        if (!strcmp(c->flag, "--hidden") && !strcmp(c->value, "65536"))
+            run_program(&o, NULL, 0, 0,
+                        (const char *[]){"run", "--hidden", "65536", "--ffn", "262144",
+                                         "--experts", "64", NULL});
+        else
+            run_program(&o, NULL, 0, 0,
+                        (const char *[]){"run", SMALL, c->flag, c->value, NULL});
+        cr_expect_eq(o.status, 2, "%s %s: status %d", c->flag, c->value, o.status);
+        cr_expect_not_null(strstr(o.err, c->expected), "%s %s: stderr is '%s'",
+                           c->flag, c->value, o.err);
+    }
+
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", "--ranks", NULL});
+    cr_assert_eq(o.status, 2);
+    cr_assert_not_null(strstr(o.err, "missing value for --ranks"));
+    run_program(&o, NULL, 0, 0, (const char *[]){"launch", NULL});
+    cr_assert_eq(o.status, 2);
+    cr_assert_not_null(strstr(o.err, "unknown command 'launch'"));
+    cr_assert_eq(segment_count(), 0);
+}
+
+Test(cli, bad_input_file_exits_2, .timeout = 60)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/moe-ep-cli-bad-%ld.npy", (long)getpid());
+    FILE *f = fopen(path, "wb");
+    cr_assert_not_null(f);
+    fputs("this is not a numpy file", f);
+    fclose(f);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", "--input", path, NULL});
+    unlink(path);
+    cr_assert_eq(o.status, 2);
+    cr_assert_not_null(strstr(o.err, path), "stderr: %s", o.err);
+}
+
+Test(cli, stalled_rank_times_out_with_3, .timeout = 60)
+{
+    struct outcome o;
+    run_program(&o, "MOE_EP_FAULT=1:dispatch:stall", 0, 0,
+                (const char *[]){"run", SMALL, "--ranks", "4", "--timeout", "0.5", NULL});
+    cr_assert_eq(o.status, 3, "stderr: %s", o.err);
+    cr_assert_not_null(strstr(o.err, "timed out after 0.5 s in dispatch waiting for rank 1"),
+                       "stderr: %s", o.err);
+    /* 0.5 s timeout plus the 2 s grace for the stalled rank, with margin. */
+    cr_assert_lt(o.seconds, 10.0);
+    cr_assert_eq(segment_count(), 0);
+}
+
+Test(cli, killed_rank_exits_3, .timeout = 60)
+{
+    static const char *const faults[] = {
+        "MOE_EP_FAULT=0:route:kill",   "MOE_EP_FAULT=2:layout:segv",
+        "MOE_EP_FAULT=3:compute:exit", "MOE_EP_FAULT=1:combine:kill",
+    };
+    for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++) {
+        struct outcome o;
+        run_program(&o, faults[i], 0, 0,
+                    (const char *[]){"run", SMALL, "--ranks", "4", NULL});
+        cr_assert_eq(o.status, 3, "%s: stderr: %s", faults[i], o.err);
+        cr_assert_not_null(strstr(o.err, "moe-ep run: rank "), "%s", o.err);
+        cr_assert_lt(o.seconds, 10.0, "%s took %.1f s", faults[i], o.seconds);
+    }
+    cr_assert_eq(segment_count(), 0);
+}
+
+Test(cli, sigterm_cleans_up, .timeout = 60)
+{
+    /* A stalled rank keeps the run alive until SIGTERM arrives. */
+    struct outcome o;
+    run_program(&o, "MOE_EP_FAULT=0:route:stall", SIGTERM, 300,
+                (const char *[]){"run", SMALL, "--ranks", "3", NULL});
+    cr_assert_eq(o.status, 128 + SIGTERM, "stderr: %s", o.err);
+    cr_assert_not_null(strstr(o.err, "stopped by signal"), "stderr: %s", o.err);
+    cr_assert_eq(segment_count(), 0);
+}
