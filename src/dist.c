@@ -198,6 +198,35 @@ static int route(struct rank_forward *f, const struct moe_dist_input *in)
     return 0;
 }
 
+/* Moves rows between the source-major receive buffer and the expert-major
+ * expert buffer, in either direction, using the exchanged counts. For each
+ * owned expert e and each source s, C[s][e] rows sit in the receive buffer
+ * after s's rows for lower experts, and in the expert buffer after the rows
+ * of lower sources for e. */
+static void reorder_rows(const struct rank_forward *f, int64_t E, int64_t H,
+                         const uint64_t *recv_first_row, float *source_major,
+                         float *expert_major, int to_expert_major)
+{
+    int R = f->comm->ranks;
+    size_t row_bytes = (size_t)H * sizeof(float);
+    int64_t row = 0;
+    for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++) {
+        for (int src = 0; src < R; src++) {
+            int64_t within = 0;
+            for (int64_t lower = f->expert_first; lower < e; lower++)
+                within += f->all_counts[src * E + lower];
+            int64_t count = f->all_counts[src * E + e];
+            float *by_source = source_major + ((int64_t)recv_first_row[src] + within) * H;
+            float *by_expert = expert_major + row * H;
+            if (to_expert_major)
+                memcpy(by_expert, by_source, (size_t)count * row_bytes);
+            else
+                memcpy(by_source, by_expert, (size_t)count * row_bytes);
+            row += count;
+        }
+    }
+}
+
 /* Rows that source `src` sends to this rank, over all of its experts. */
 static int64_t rows_from(const struct rank_forward *f, int64_t E, int src)
 {
@@ -297,22 +326,8 @@ int moe_dist_rank_main(struct moe_comm *comm, void *arg)
     }
     rc = moe_alltoallv(comm, f.send_rows, send_bytes, send_offsets, f.recv_rows,
                        recv_bytes, recv_offsets);
-    if (rc == 0) {
-        /* Reorder source-major rows into expert-major, token-ordered rows. */
-        int64_t row = 0;
-        for (int64_t e = f.expert_first; e < f.expert_first + f.experts; e++) {
-            for (int src = 0; src < R; src++) {
-                int64_t within = 0;
-                for (int64_t e2 = f.expert_first; e2 < e; e2++)
-                    within += f.all_counts[src * E + e2];
-                int64_t count = f.all_counts[src * E + e];
-                memcpy(f.expert_in + row * H,
-                       f.recv_rows + ((int64_t)recv_first_row[src] + within) * H,
-                       (size_t)count * row_bytes);
-                row += count;
-            }
-        }
-    }
+    if (rc == 0) /* source-major to expert-major, token-ordered rows */
+        reorder_rows(&f, E, H, recv_first_row, f.recv_rows, f.expert_in, 1);
     end_step(&f, MOE_STEP_DISPATCH);
     if (rc)
         goto out;
@@ -350,18 +365,7 @@ int moe_dist_rank_main(struct moe_comm *comm, void *arg)
     /* Combine: put the outputs back in source-major order, send them home
      * with the dispatch counts reversed, and sum per token. */
     begin_step(&f, MOE_STEP_COMBINE);
-    int64_t row = 0;
-    for (int64_t e = f.expert_first; e < f.expert_first + f.experts; e++) {
-        for (int src = 0; src < R; src++) {
-            int64_t within = 0;
-            for (int64_t e2 = f.expert_first; e2 < e; e2++)
-                within += f.all_counts[src * E + e2];
-            int64_t count = f.all_counts[src * E + e];
-            memcpy(f.recv_rows + ((int64_t)recv_first_row[src] + within) * H,
-                   f.expert_out + row * H, (size_t)count * row_bytes);
-            row += count;
-        }
-    }
+    reorder_rows(&f, E, H, recv_first_row, f.recv_rows, f.expert_out, 0);
     rc = moe_alltoallv(comm, f.recv_rows, recv_bytes, recv_offsets, f.send_rows,
                        send_bytes, send_offsets);
     if (rc == 0) {

@@ -96,7 +96,7 @@ static void print_steps(FILE *out, const struct moe_run_result *r)
                                 MOE_STEP_DISPATCH, MOE_STEP_COMPUTE,
                                 MOE_STEP_COMBINE};
     fprintf(out, "\nstep times per rank in ms (waiting on peers in brackets):\n");
-    fprintf(out, "  rank  %-17s %-17s %-17s %-17s %-17s\n", "route",
+    fprintf(out, "  rank  %-17s %-17s %-17s %-17s %s\n", "route",
             "layout exchange", "dispatch", "compute", "combine");
     for (int rank = 0; rank < r->options.ranks; rank++) {
         fprintf(out, "  %4d ", rank);
@@ -104,7 +104,8 @@ static void print_steps(FILE *out, const struct moe_run_result *r)
             char cell[32];
             snprintf(cell, sizeof cell, "%.3f (%.3f)", ms(r->step_ns[rank][steps[i]]),
                      ms(r->wait_ns[rank][steps[i]]));
-            fprintf(out, " %-17s", cell);
+            int last = i + 1 == sizeof steps / sizeof steps[0];
+            fprintf(out, last ? " %s" : " %-17s", cell);
         }
         fprintf(out, "\n");
     }
