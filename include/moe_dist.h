@@ -59,6 +59,23 @@ struct moe_dist_input {
     const float *tokens; /* (T, H), the whole batch */
 };
 
+/* One rank's state: its blocks of tokens and experts and its buffers, which
+ * are kept across forwards. */
+struct moe_dist_rank;
+
+/* Creates the state of `comm`'s rank after checking that the run area
+ * matches the input's shape. `input` must outlive the state. Returns 0,
+ * -EPROTO or -ENOMEM. */
+int moe_dist_rank_new(struct moe_comm *comm, const struct moe_dist_input *input,
+                      struct moe_dist_rank **rank);
+void moe_dist_rank_free(struct moe_dist_rank *rank);
+
+/* Runs one forward of the layer: the five steps, with their times in the
+ * rank's slot, and this rank's rows of the output and of the counts written
+ * into the run area. Every rank must call it the same number of times.
+ * Returns 0 or a negative error code. */
+int moe_dist_forward(struct moe_dist_rank *rank);
+
 /* Rank entry point for moe_launch: runs one forward of the layer and writes
  * this rank's rows of the output and of the counts into the run area. `arg`
  * is a struct moe_dist_input. Returns 0 or a negative error code. */

@@ -18,6 +18,7 @@
 #ifndef MOE_LAYER_H
 #define MOE_LAYER_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 struct moe_shape {
@@ -41,6 +42,12 @@ struct moe_weights {
 /* Sets OpenBLAS to one thread. Call once per process before any expert GEMM;
  * the golden path and every rank must run with the same thread count. */
 void moe_blas_init(void);
+
+/* Allocates `bytes` for a large buffer (activations, weights), 2 MiB
+ * aligned and marked for transparent huge pages, which cuts the page faults
+ * of first touch and the TLB misses of the GEMMs. Release with free().
+ * Returns NULL when out of memory. */
+void *moe_alloc_large(size_t bytes);
 
 /* ---- seeded data ------------------------------------------------------ */
 

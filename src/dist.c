@@ -60,9 +60,10 @@ void moe_run_area_init(void *area, const struct moe_shape *shape, int ranks)
     a->area_bytes = moe_run_area_bytes(shape, ranks);
 }
 
-/* Per-rank working state of one forward. */
-struct rank_forward {
+/* Per-rank state, kept across forwards so that buffers are reused. */
+struct moe_dist_rank {
     struct moe_comm *comm;
+    const struct moe_dist_input *input;
     struct moe_rank_slot *slot;
     int64_t step_start_ns;
 
@@ -80,9 +81,11 @@ struct rank_forward {
     float *recv_rows;    /* (received, H), source-major */
     float *expert_in;    /* (received, H), expert-major */
     float *expert_out;   /* (received, H), expert-major */
-    float *scratch;
+    float *scratch;      /* for scratch_capacity rows of one expert */
     const float **slot_rows; /* (tokens * K) */
-    uint64_t *table;     /* 6 x (R): byte counts and offsets */
+    uint64_t *table;     /* 5 x (R): byte counts and offsets */
+    int64_t received_capacity; /* rows recv_rows, expert_in, expert_out hold */
+    int64_t scratch_capacity;
 };
 
 /* Debug fault injection for tests. MOE_EP_FAULT="RANK:STEP:ACTION" makes
@@ -116,7 +119,7 @@ static void inject_fault(int rank, int step)
         _exit(1);
 }
 
-static void begin_step(struct rank_forward *f, int step)
+static void begin_step(struct moe_dist_rank *f, int step)
 {
     moe_comm_set_step(f->comm, step);
     atomic_store_explicit(&f->slot->step, step, memory_order_release);
@@ -124,33 +127,15 @@ static void begin_step(struct rank_forward *f, int step)
     f->step_start_ns = moe_now_ns();
 }
 
-static void end_step(struct rank_forward *f, int step)
+static void end_step(struct moe_dist_rank *f, int step)
 {
     f->slot->step_ns[step] = (uint64_t)(moe_now_ns() - f->step_start_ns);
     f->slot->wait_ns[step] = f->comm->wait_ns[step];
 }
 
-static void free_forward(struct rank_forward *f)
-{
-    free(f->logits);
-    free(f->probs);
-    free(f->ids);
-    free(f->weights);
-    free(f->counts);
-    free(f->all_counts);
-    free(f->order);
-    free(f->send_rows);
-    free(f->recv_rows);
-    free(f->expert_in);
-    free(f->expert_out);
-    free(f->scratch);
-    free(f->slot_rows);
-    free(f->table);
-}
-
 /* Checks the counts rank s announced: each expert gets at most one row per
  * token of s, and the rows add up to tokens(s) * K. */
-static int validate_layout(const struct rank_forward *f, const struct moe_shape *s)
+static int validate_layout(const struct moe_dist_rank *f, const struct moe_shape *s)
 {
     int R = f->comm->ranks;
     for (int src = 0; src < R; src++) {
@@ -172,7 +157,7 @@ static int validate_layout(const struct rank_forward *f, const struct moe_shape 
     return 0;
 }
 
-static int route(struct rank_forward *f, const struct moe_dist_input *in)
+static int route(struct moe_dist_rank *f, const struct moe_dist_input *in)
 {
     const struct moe_shape *s = &in->weights->shape;
     int64_t H = s->hidden, E = s->experts, K = s->top_k, n = f->tokens;
@@ -185,6 +170,7 @@ static int route(struct rank_forward *f, const struct moe_dist_input *in)
     int64_t *next = calloc((size_t)E + 1, sizeof *next);
     if (!next)
         return moe_fail(-ENOMEM, "rank %d: out of memory", f->comm->rank);
+    memset(f->counts, 0, (size_t)E * sizeof *f->counts);
     for (int64_t i = 0; i < n * K; i++)
         f->counts[f->ids[i]]++;
     for (int64_t e = 1; e < E; e++)
@@ -203,7 +189,7 @@ static int route(struct rank_forward *f, const struct moe_dist_input *in)
  * owned expert e and each source s, C[s][e] rows sit in the receive buffer
  * after s's rows for lower experts, and in the expert buffer after the rows
  * of lower sources for e. */
-static void reorder_rows(const struct rank_forward *f, int64_t E, int64_t H,
+static void reorder_rows(const struct moe_dist_rank *f, int64_t E, int64_t H,
                          const uint64_t *recv_first_row, float *source_major,
                          float *expert_major, int to_expert_major)
 {
@@ -228,7 +214,7 @@ static void reorder_rows(const struct rank_forward *f, int64_t E, int64_t H,
 }
 
 /* Rows that source `src` sends to this rank, over all of its experts. */
-static int64_t rows_from(const struct rank_forward *f, int64_t E, int src)
+static int64_t rows_from(const struct moe_dist_rank *f, int64_t E, int src)
 {
     int64_t rows = 0;
     for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++)
@@ -236,17 +222,47 @@ static int64_t rows_from(const struct rank_forward *f, int64_t E, int src)
     return rows;
 }
 
-int moe_dist_rank_main(struct moe_comm *comm, void *arg)
+/* Makes sure the buffers sized by the rows received hold `rows` rows,
+ * growing them when a forward receives more than any before it. */
+static int reserve_received(struct moe_dist_rank *f, int64_t rows, int64_t max_rows)
 {
-    const struct moe_dist_input *in = arg;
-    const struct moe_shape *s = &in->weights->shape;
-    int64_t H = s->hidden, F = s->ffn, E = s->experts, K = s->top_k;
-    int R = comm->ranks, me = comm->rank;
-    uint64_t row_bytes = (uint64_t)H * sizeof(float);
-    void *area = moe_segment_app(comm->segment);
-    struct moe_run_area *run = area;
-    int rc = 0;
+    const struct moe_shape *s = &f->input->weights->shape;
+    if (rows > f->received_capacity) {
+        free(f->recv_rows);
+        free(f->expert_in);
+        free(f->expert_out);
+        size_t bytes = (size_t)(rows * s->hidden + 1) * sizeof(float);
+        f->recv_rows = moe_alloc_large(bytes);
+        f->expert_in = moe_alloc_large(bytes);
+        f->expert_out = moe_alloc_large(bytes);
+        f->received_capacity = rows;
+        if (!f->recv_rows || !f->expert_in || !f->expert_out) {
+            f->received_capacity = 0;
+            return moe_fail(-ENOMEM, "rank %d: out of memory for %" PRId64
+                            " received rows", f->comm->rank, rows);
+        }
+    }
+    if (max_rows > f->scratch_capacity) {
+        free(f->scratch);
+        f->scratch = moe_alloc_large((size_t)(moe_expert_scratch_floats(max_rows, s->ffn) + 1) *
+                                     sizeof(float));
+        f->scratch_capacity = f->scratch ? max_rows : 0;
+        if (!f->scratch)
+            return moe_fail(-ENOMEM, "rank %d: out of memory for expert scratch",
+                            f->comm->rank);
+    }
+    return 0;
+}
 
+int moe_dist_rank_new(struct moe_comm *comm, const struct moe_dist_input *in,
+                      struct moe_dist_rank **out)
+{
+    const struct moe_shape *s = &in->weights->shape;
+    int64_t E = s->experts, K = s->top_k;
+    int R = comm->ranks, me = comm->rank;
+    struct moe_run_area *run = moe_segment_app(comm->segment);
+
+    *out = NULL;
     if (comm->segment->app_bytes < sizeof *run || run->magic != MOE_RUN_AREA_MAGIC ||
         run->ranks != R || memcmp(&run->shape, s, sizeof *s) != 0 ||
         run->area_bytes != moe_run_area_bytes(s, R) ||
@@ -255,128 +271,164 @@ int moe_dist_rank_main(struct moe_comm *comm, void *arg)
                         "layer's shape", me);
     moe_blas_init();
 
-    struct rank_forward f = {.comm = comm, .slot = moe_segment_slot(comm->segment, me)};
-    moe_block_range(s->tokens, R, me, &f.token_first, &f.tokens);
-    moe_block_range(E, R, me, &f.expert_first, &f.experts);
-    int64_t n = f.tokens;
+    struct moe_dist_rank *f = calloc(1, sizeof *f);
+    if (!f)
+        return moe_fail(-ENOMEM, "rank %d: out of memory", me);
+    f->comm = comm;
+    f->input = in;
+    f->slot = moe_segment_slot(comm->segment, me);
+    moe_block_range(s->tokens, R, me, &f->token_first, &f->tokens);
+    moe_block_range(E, R, me, &f->expert_first, &f->experts);
+    int64_t n = f->tokens;
 
-    f.logits = malloc((size_t)(n * E + 1) * sizeof(float));
-    f.probs = malloc((size_t)(n * E + 1) * sizeof(float));
-    f.ids = malloc((size_t)(n * K + 1) * sizeof(int32_t));
-    f.weights = malloc((size_t)(n * K + 1) * sizeof(float));
-    f.counts = calloc((size_t)E, sizeof(int64_t));
-    f.all_counts = calloc((size_t)(R * E), sizeof(int64_t));
-    f.order = malloc((size_t)(n * K + 1) * sizeof(int64_t));
-    f.send_rows = malloc((size_t)(n * K * H + 1) * sizeof(float));
-    f.slot_rows = malloc((size_t)(n * K + 1) * sizeof(*f.slot_rows));
-    f.table = calloc(6 * (size_t)R, sizeof(uint64_t));
-    if (!f.logits || !f.probs || !f.ids || !f.weights || !f.counts ||
-        !f.all_counts || !f.order || !f.send_rows || !f.slot_rows || !f.table) {
-        rc = moe_fail(-ENOMEM, "rank %d: out of memory for %" PRId64 " tokens",
-                      me, n);
-        goto out;
+    f->logits = malloc((size_t)(n * E + 1) * sizeof(float));
+    f->probs = malloc((size_t)(n * E + 1) * sizeof(float));
+    f->ids = malloc((size_t)(n * K + 1) * sizeof(int32_t));
+    f->weights = malloc((size_t)(n * K + 1) * sizeof(float));
+    f->counts = calloc((size_t)E, sizeof(int64_t));
+    f->all_counts = calloc((size_t)(R * E), sizeof(int64_t));
+    f->order = malloc((size_t)(n * K + 1) * sizeof(int64_t));
+    f->send_rows = moe_alloc_large((size_t)(n * K * s->hidden + 1) * sizeof(float));
+    f->slot_rows = malloc((size_t)(n * K + 1) * sizeof(*f->slot_rows));
+    f->table = calloc(5 * (size_t)R, sizeof(uint64_t));
+    if (!f->logits || !f->probs || !f->ids || !f->weights || !f->counts ||
+        !f->all_counts || !f->order || !f->send_rows || !f->slot_rows || !f->table) {
+        moe_dist_rank_free(f);
+        return moe_fail(-ENOMEM, "rank %d: out of memory for %" PRId64 " tokens",
+                        me, n);
     }
-    uint64_t *send_bytes = f.table, *send_offsets = f.table + R,
-             *recv_bytes = f.table + 2 * R, *recv_offsets = f.table + 3 * R,
-             *recv_first_row = f.table + 4 * R;
+    *out = f;
+    return 0;
+}
+
+void moe_dist_rank_free(struct moe_dist_rank *f)
+{
+    if (!f)
+        return;
+    free(f->logits);
+    free(f->probs);
+    free(f->ids);
+    free(f->weights);
+    free(f->counts);
+    free(f->all_counts);
+    free(f->order);
+    free(f->send_rows);
+    free(f->recv_rows);
+    free(f->expert_in);
+    free(f->expert_out);
+    free(f->scratch);
+    free(f->slot_rows);
+    free(f->table);
+    free(f);
+}
+
+/* Rows expert e receives from all sources. */
+static int64_t rows_of_expert(const struct moe_dist_rank *f, int64_t E, int64_t e)
+{
+    int64_t rows = 0;
+    for (int src = 0; src < f->comm->ranks; src++)
+        rows += f->all_counts[src * E + e];
+    return rows;
+}
+
+int moe_dist_forward(struct moe_dist_rank *f)
+{
+    struct moe_comm *comm = f->comm;
+    const struct moe_dist_input *in = f->input;
+    const struct moe_shape *s = &in->weights->shape;
+    int64_t H = s->hidden, F = s->ffn, E = s->experts, K = s->top_k, n = f->tokens;
+    int R = comm->ranks, me = comm->rank;
+    uint64_t row_bytes = (uint64_t)H * sizeof(float);
+    void *area = moe_segment_app(comm->segment);
+    uint64_t *send_bytes = f->table, *send_offsets = f->table + R,
+             *recv_bytes = f->table + 2 * R, *recv_offsets = f->table + 3 * R,
+             *recv_first_row = f->table + 4 * R;
+    int rc;
 
     /* Route. */
-    begin_step(&f, MOE_STEP_ROUTE);
-    rc = route(&f, in);
-    end_step(&f, MOE_STEP_ROUTE);
+    begin_step(f, MOE_STEP_ROUTE);
+    rc = route(f, in);
+    end_step(f, MOE_STEP_ROUTE);
     if (rc)
-        goto out;
+        return rc;
 
     /* Layout exchange. */
-    begin_step(&f, MOE_STEP_LAYOUT);
-    rc = moe_allgather(comm, f.counts, (uint64_t)E * sizeof(int64_t), f.all_counts);
+    begin_step(f, MOE_STEP_LAYOUT);
+    rc = moe_allgather(comm, f->counts, (uint64_t)E * sizeof(int64_t), f->all_counts);
     if (rc == 0)
-        rc = validate_layout(&f, s);
-    end_step(&f, MOE_STEP_LAYOUT);
+        rc = validate_layout(f, s);
+    end_step(f, MOE_STEP_LAYOUT);
     if (rc)
-        goto out;
-    memcpy(moe_run_area_counts(area) + me * E, f.counts, (size_t)E * sizeof(int64_t));
+        return rc;
+    memcpy(moe_run_area_counts(area) + me * E, f->counts, (size_t)E * sizeof(int64_t));
 
     /* Dispatch: the send block for rank d covers the experts d owns. */
-    begin_step(&f, MOE_STEP_DISPATCH);
-    int64_t sent_rows = 0, received_rows = 0;
+    begin_step(f, MOE_STEP_DISPATCH);
+    int64_t sent_rows = 0, received_rows = 0, max_rows = 0;
     for (int d = 0; d < R; d++) {
         int64_t first, count, rows = 0;
         moe_block_range(E, R, d, &first, &count);
         for (int64_t e = first; e < first + count; e++)
-            rows += f.counts[e];
+            rows += f->counts[e];
         send_offsets[d] = (uint64_t)sent_rows * row_bytes;
         send_bytes[d] = (uint64_t)rows * row_bytes;
         sent_rows += rows;
 
-        int64_t incoming = rows_from(&f, E, d);
+        int64_t incoming = rows_from(f, E, d);
         recv_first_row[d] = (uint64_t)received_rows;
         recv_offsets[d] = (uint64_t)received_rows * row_bytes;
         recv_bytes[d] = (uint64_t)incoming * row_bytes;
         received_rows += incoming;
     }
-    f.recv_rows = malloc((size_t)(received_rows * H + 1) * sizeof(float));
-    f.expert_in = malloc((size_t)(received_rows * H + 1) * sizeof(float));
-    f.expert_out = malloc((size_t)(received_rows * H + 1) * sizeof(float));
-    if (!f.recv_rows || !f.expert_in || !f.expert_out) {
-        rc = moe_fail(-ENOMEM, "rank %d: out of memory for %" PRId64
-                      " received rows", me, received_rows);
-        end_step(&f, MOE_STEP_DISPATCH);
-        goto out;
-    }
-    rc = moe_alltoallv(comm, f.send_rows, send_bytes, send_offsets, f.recv_rows,
-                       recv_bytes, recv_offsets);
+    for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++)
+        if (rows_of_expert(f, E, e) > max_rows)
+            max_rows = rows_of_expert(f, E, e);
+    rc = reserve_received(f, received_rows, max_rows);
+    if (rc == 0)
+        rc = moe_alltoallv(comm, f->send_rows, send_bytes, send_offsets, f->recv_rows,
+                           recv_bytes, recv_offsets);
     if (rc == 0) /* source-major to expert-major, token-ordered rows */
-        reorder_rows(&f, E, H, recv_first_row, f.recv_rows, f.expert_in, 1);
-    end_step(&f, MOE_STEP_DISPATCH);
+        reorder_rows(f, E, H, recv_first_row, f->recv_rows, f->expert_in, 1);
+    end_step(f, MOE_STEP_DISPATCH);
     if (rc)
-        goto out;
+        return rc;
 
     /* Compute: one call per owned expert over all of its rows. */
-    begin_step(&f, MOE_STEP_COMPUTE);
-    int64_t max_rows = 0;
-    for (int64_t e = f.expert_first; e < f.expert_first + f.experts; e++) {
-        int64_t rows = 0;
-        for (int src = 0; src < R; src++)
-            rows += f.all_counts[src * E + e];
-        if (rows > max_rows)
-            max_rows = rows;
-    }
-    f.scratch = malloc((size_t)(moe_expert_scratch_floats(max_rows, F) + 1) *
-                       sizeof(float));
-    if (!f.scratch) {
-        rc = moe_fail(-ENOMEM, "rank %d: out of memory for expert scratch", me);
-        end_step(&f, MOE_STEP_COMPUTE);
-        goto out;
-    }
+    begin_step(f, MOE_STEP_COMPUTE);
     int64_t expert_row = 0;
-    for (int64_t e = f.expert_first; e < f.expert_first + f.experts; e++) {
-        int64_t rows = 0;
-        for (int src = 0; src < R; src++)
-            rows += f.all_counts[src * E + e];
-        moe_expert_forward(f.expert_in + expert_row * H, rows, H, F,
+    for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++) {
+        int64_t rows = rows_of_expert(f, E, e);
+        moe_expert_forward(f->expert_in + expert_row * H, rows, H, F,
                            in->weights->w1 + e * F * H, in->weights->w3 + e * F * H,
-                           in->weights->w2 + e * H * F, f.scratch,
-                           f.expert_out + expert_row * H);
+                           in->weights->w2 + e * H * F, f->scratch,
+                           f->expert_out + expert_row * H);
         expert_row += rows;
     }
-    end_step(&f, MOE_STEP_COMPUTE);
+    end_step(f, MOE_STEP_COMPUTE);
 
     /* Combine: put the outputs back in source-major order, send them home
      * with the dispatch counts reversed, and sum per token. */
-    begin_step(&f, MOE_STEP_COMBINE);
-    reorder_rows(&f, E, H, recv_first_row, f.recv_rows, f.expert_out, 0);
-    rc = moe_alltoallv(comm, f.recv_rows, recv_bytes, recv_offsets, f.send_rows,
+    begin_step(f, MOE_STEP_COMBINE);
+    reorder_rows(f, E, H, recv_first_row, f->recv_rows, f->expert_out, 0);
+    rc = moe_alltoallv(comm, f->recv_rows, recv_bytes, recv_offsets, f->send_rows,
                        send_bytes, send_offsets);
     if (rc == 0) {
         for (int64_t i = 0; i < n * K; i++)
-            f.slot_rows[f.order[i]] = f.send_rows + i * H;
-        moe_combine(n, H, K, f.weights, f.slot_rows,
-                    moe_run_area_output(area) + f.token_first * H);
+            f->slot_rows[f->order[i]] = f->send_rows + i * H;
+        moe_combine(n, H, K, f->weights, f->slot_rows,
+                    moe_run_area_output(area) + f->token_first * H);
     }
-    end_step(&f, MOE_STEP_COMBINE);
+    end_step(f, MOE_STEP_COMBINE);
+    return rc;
+}
 
-out:
-    free_forward(&f);
+int moe_dist_rank_main(struct moe_comm *comm, void *arg)
+{
+    struct moe_dist_rank *rank;
+    int rc = moe_dist_rank_new(comm, arg, &rank);
+    if (rc)
+        return rc;
+    rc = moe_dist_forward(rank);
+    moe_dist_rank_free(rank);
     return rc;
 }

@@ -30,8 +30,8 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
     float *route_weights = malloc((size_t)(T * K + 1) * sizeof(float));
     int64_t *counts = calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *offsets = calloc((size_t)E + 1, sizeof(int64_t));
-    float *expert_in = malloc((size_t)(T * K * H + 1) * sizeof(float));
-    float *expert_out = malloc((size_t)(T * K * H + 1) * sizeof(float));
+    float *expert_in = moe_alloc_large((size_t)(T * K * H + 1) * sizeof(float));
+    float *expert_out = moe_alloc_large((size_t)(T * K * H + 1) * sizeof(float));
     const float **rows = malloc((size_t)(T * K + 1) * sizeof(*rows));
     float *scratch = NULL;
     if (!logits || !probs || !ids || !route_weights || !counts || !offsets ||
@@ -73,7 +73,7 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
     free(fill);
 
     /* Compute: one call per expert over all of its rows. */
-    scratch = malloc((size_t)(moe_expert_scratch_floats(max_rows, F) + 1) *
+    scratch = moe_alloc_large((size_t)(moe_expert_scratch_floats(max_rows, F) + 1) *
                      sizeof(float));
     if (!scratch) {
         rc = moe_fail(-ENOMEM, "golden path: out of memory for expert scratch");

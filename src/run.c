@@ -170,7 +170,7 @@ static int check_memory(const struct moe_run_options *o)
 static int load_tokens(struct moe_run_options *o, float **tokens)
 {
     if (!o->input_path) {
-        *tokens = malloc((size_t)(o->shape.tokens * o->shape.hidden) * sizeof(float));
+        *tokens = moe_alloc_large((size_t)(o->shape.tokens * o->shape.hidden) * sizeof(float));
         if (!*tokens)
             return moe_fail(-ENOMEM, "out of memory for %" PRId64 " tokens",
                             o->shape.tokens);
@@ -283,8 +283,8 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
     moe_blas_init();
 
     int64_t values = s->tokens * s->hidden;
-    result->output = malloc((size_t)values * sizeof(float));
-    result->golden = malloc((size_t)values * sizeof(float));
+    result->output = moe_alloc_large((size_t)values * sizeof(float));
+    result->golden = moe_alloc_large((size_t)values * sizeof(float));
     result->counts = malloc((size_t)(o->ranks * s->experts) * sizeof(int64_t));
     if (!result->output || !result->golden || !result->counts) {
         rc = moe_fail(-ENOMEM, "out of memory for the output of %" PRId64

@@ -14,10 +14,24 @@
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 
 void moe_blas_init(void)
 {
     openblas_set_num_threads(1);
+}
+
+void *moe_alloc_large(size_t bytes)
+{
+    const size_t huge_page = 2u << 20;
+    void *p = NULL;
+    if (bytes < huge_page)
+        return malloc(bytes ? bytes : 1);
+    if (posix_memalign(&p, huge_page, bytes) != 0)
+        return NULL;
+    /* Advice only: without transparent huge pages this changes nothing. */
+    madvise(p, (bytes + huge_page - 1) & ~(huge_page - 1), MADV_HUGEPAGE);
+    return p;
 }
 
 /* A 64-bit mixing function (the finaliser of splitmix64); a different key
@@ -48,9 +62,9 @@ int moe_weights_init_random(struct moe_weights *weights,
     int64_t H = shape->hidden, F = shape->ffn, E = shape->experts;
     weights->shape = *shape;
     weights->gate = malloc((size_t)(E * H) * sizeof(float));
-    weights->w1 = malloc((size_t)(E * F * H) * sizeof(float));
-    weights->w3 = malloc((size_t)(E * F * H) * sizeof(float));
-    weights->w2 = malloc((size_t)(E * H * F) * sizeof(float));
+    weights->w1 = moe_alloc_large((size_t)(E * F * H) * sizeof(float));
+    weights->w3 = moe_alloc_large((size_t)(E * F * H) * sizeof(float));
+    weights->w2 = moe_alloc_large((size_t)(E * H * F) * sizeof(float));
     if (!weights->gate || !weights->w1 || !weights->w3 || !weights->w2) {
         moe_weights_free(weights);
         return moe_fail(-ENOMEM, "out of memory for the weights of %lld experts "
