@@ -112,8 +112,9 @@ uint32_t moe_ring_max_payload(uint64_t capacity);
 
 /* Writes one record with the first n bytes of src, where n is the most that
  * fits now, capped at `length` and at `max_chunk` (0 means no cap). Returns
- * n; 0 means the ring has no room at the moment (or length is 0). Never
- * blocks. */
+ * n, or 0 when the ring has no room, when length is 0, or when fewer than
+ * 256 bytes fit while more is left to send, so that a nearly full ring is
+ * not filled with tiny records. Never blocks. */
 uint32_t moe_ring_write_some(struct moe_ring_producer *producer, uint32_t tag,
                              const void *src, uint64_t length,
                              uint32_t max_chunk);
