@@ -231,6 +231,27 @@ Test(cli, invalid_flags_exit_2, .timeout = 60)
     cr_assert_eq(segment_count(), 0);
 }
 
+Test(cli, input_file_sets_shape, .timeout = 60)
+{
+    /* data/tokens-16x32.npy is found relative to the repository root, which
+     * is two levels above the test binary (BUILD/tests/test_cli). */
+    char program[PATH_MAX + 16], input[PATH_MAX + 64];
+    program_path(program, sizeof program);
+    snprintf(input, sizeof input, "%s/../data/tokens-16x32.npy", dirname(program));
+    struct outcome o;
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", "--input", input, "--ranks", "3", "--experts",
+                                 "4", "--ffn", "48", NULL});
+    cr_assert_eq(o.status, 0, "stderr: %s", o.err);
+    cr_assert_not_null(strstr(o.out, "tokens 16, hidden 32"), "stdout: %s", o.out);
+    cr_assert_not_null(strstr(o.out, "golden check: bitwise equal (512 values)"));
+
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", "--input", input, "--hidden", "64", NULL});
+    cr_assert_eq(o.status, 2);
+    cr_assert_not_null(strstr(o.err, "its shape is (16, 32)"), "stderr: %s", o.err);
+}
+
 Test(cli, bad_input_file_exits_2, .timeout = 60)
 {
     char path[64];
