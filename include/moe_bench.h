@@ -8,11 +8,15 @@
 #include <stdint.h>
 #include <stdio.h>
 
+/* Largest --repeats; it sizes the timing table in the shared segment. */
+#define MOE_BENCH_MAX_REPEATS 50
+
 struct moe_bench_options {
     int ranks;                  /* ranks for the prefill forward [2] */
     int64_t tokens;             /* prefill tokens [4096] */
     int64_t hidden, ffn, experts, top_k; /* [1024, 1024, 16, 2] */
-    int repeats;                /* timed repetitions per figure [5] */
+    int repeats;                /* timed repetitions per figure [5], at most
+                                   MOE_BENCH_MAX_REPEATS */
     uint64_t ring_bytes;        /* ring size [64K] */
     const char *markdown_path;  /* write the report here too, or NULL */
     int quick;                  /* smaller shapes, for tests */

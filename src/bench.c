@@ -1,32 +1,422 @@
 /*
- * bench.c - placeholder until the benchmark lands; see moe_bench.h.
+ * bench.c - `moe-ep bench`: options, the report, and the order of the
+ * measurements. The measurements themselves are in bench_floor.c (sgemm,
+ * memcpy) and bench_layer.c (forward, all-to-all).
+ *
+ * Runs in the launcher process. Every figure is measured first and the
+ * report printed after, so that `out` and --markdown get the same text and
+ * a failed run writes no file.
+ *
+ * Limits: the figures come from one run on one machine. On a shared machine
+ * they vary by tens of percent between runs, which is why every floor is
+ * measured again in the same run and the load average is printed beside
+ * them. The bench checks no layer output; `moe-ep run` and the tests do.
  */
-#include "moe_bench.h"
+#include "moe_bench_internal.h"
+#include "moe_args.h"
 #include "moe_error.h"
+#include "moe_launch.h"
 
+#include <cblas.h>
 #include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Largest accepted dimensions, the same as `moe-ep run` accepts. */
+#define MAX_TOKENS (1LL << 24)
+#define MAX_HIDDEN (1LL << 16)
+#define MAX_FFN (1LL << 18)
+#define MAX_EXPERTS 4096
+
+/* Targets the report checks; see the header it prints for their meaning. */
+static const double FORWARD_TARGET_RATIO = 1.25;
+static const double ALLTOALL_TARGET_FRACTION = 0.5;
+static const uint64_t ALLTOALL_TARGET_BYTES = 1 << 20;
 
 void moe_bench_options_default(struct moe_bench_options *o)
 {
-    *o = (struct moe_bench_options){0};
-}
-
-int moe_bench_parse(struct moe_bench_options *o, int argc, char **argv)
-{
-    (void)o;
-    (void)argc;
-    (void)argv;
-    return 0;
+    *o = (struct moe_bench_options){
+        .ranks = 2,
+        .tokens = 4096,
+        .hidden = 1024,
+        .ffn = 1024,
+        .experts = 16,
+        .top_k = 2,
+        .repeats = 5,
+        .ring_bytes = 64 * 1024,
+    };
 }
 
 void moe_bench_usage(FILE *out)
 {
-    fprintf(out, "usage: moe-ep bench\n");
+    fprintf(out,
+        "usage: moe-ep bench [options]\n"
+        "\n"
+        "Measures this machine's sgemm and memcpy rates, then the forward time\n"
+        "of one expert-parallel layer and the all-to-all bandwidth, and prints\n"
+        "each next to its floor as a Markdown report. It checks no output:\n"
+        "use moe-ep run for that. The defaults take about 30 s on 2 cores.\n"
+        "\n"
+        "options (defaults in brackets):\n"
+        "  --ranks R         ranks of the main forward figure, 1 to %d; the\n"
+        "                    report adds 1, 2, 4 and 8 ranks [2]\n"
+        "  --tokens T        tokens in the whole batch [4096]\n"
+        "  --hidden H        hidden size, in elements [1024]\n"
+        "  --ffn F           expert FFN (intermediate) size, in elements [1024]\n"
+        "  --experts E       experts [16]\n"
+        "  --top-k K         experts per token, 1 to E [2]\n"
+        "  --repeats N       timed repetitions of every figure, 1 to %d; the\n"
+        "                    report gives the best and the median [5]\n"
+        "  --ring-size BYTES data bytes of each ring, a power of two from 64 to\n"
+        "                    1G; K, M, G suffixes allowed [64K]\n"
+        "  --markdown FILE   also write the report to FILE\n"
+        "  --quick           small shapes and short loops, for a smoke test of\n"
+        "                    a few seconds; shape flags still apply\n"
+        "  -h, --help        show this text\n",
+        MOE_MAX_RANKS, MOE_BENCH_MAX_REPEATS);
+}
+
+/* Sets the --quick shape on every dimension the command line left alone. */
+static void apply_quick_defaults(struct moe_bench_options *o, const int *flag_given)
+{
+    if (!flag_given[0])
+        o->tokens = 512;
+    if (!flag_given[1])
+        o->hidden = 256;
+    if (!flag_given[2])
+        o->ffn = 256;
+    if (!flag_given[3])
+        o->experts = 8;
+    if (!flag_given[4])
+        o->repeats = 3;
+}
+
+int moe_bench_parse(struct moe_bench_options *o, int argc, char **argv)
+{
+    /* Whether --tokens, --hidden, --ffn, --experts and --repeats were given,
+     * so that --quick changes only the others. */
+    int flag_given[5] = {0};
+    int64_t v;
+    int rc;
+
+    for (int i = 0; i < argc; i++) {
+        const char *flag = argv[i];
+        if (!strcmp(flag, "-h") || !strcmp(flag, "--help"))
+            return 1;
+        if (!strcmp(flag, "--quick")) {
+            o->quick = 1;
+            continue;
+        }
+        if (strncmp(flag, "--", 2) != 0)
+            return moe_fail(-EINVAL, "unexpected argument '%s': options start "
+                            "with --; see moe-ep bench --help", flag);
+        if (i + 1 >= argc)
+            return moe_fail(-EINVAL, "missing value for %s", flag);
+        const char *text = argv[++i];
+
+        if (!strcmp(flag, "--ranks")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MOE_MAX_RANKS, &v)))
+                return rc;
+            o->ranks = (int)v;
+        } else if (!strcmp(flag, "--tokens")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_TOKENS, &o->tokens)))
+                return rc;
+            flag_given[0] = 1;
+        } else if (!strcmp(flag, "--hidden")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_HIDDEN, &o->hidden)))
+                return rc;
+            flag_given[1] = 1;
+        } else if (!strcmp(flag, "--ffn")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_FFN, &o->ffn)))
+                return rc;
+            flag_given[2] = 1;
+        } else if (!strcmp(flag, "--experts")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_EXPERTS, &o->experts)))
+                return rc;
+            flag_given[3] = 1;
+        } else if (!strcmp(flag, "--top-k")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_EXPERTS, &o->top_k)))
+                return rc;
+        } else if (!strcmp(flag, "--repeats")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MOE_BENCH_MAX_REPEATS, &v)))
+                return rc;
+            o->repeats = (int)v;
+            flag_given[4] = 1;
+        } else if (!strcmp(flag, "--ring-size")) {
+            if ((rc = moe_parse_bytes(flag, text, MOE_RING_MIN_CAPACITY, 1ULL << 30,
+                                      &o->ring_bytes)))
+                return rc;
+            if (o->ring_bytes & (o->ring_bytes - 1))
+                return moe_fail(-EINVAL, "invalid --ring-size value '%s': "
+                                "expected a power of two", text);
+        } else if (!strcmp(flag, "--markdown")) {
+            if (!*text)
+                return moe_fail(-EINVAL, "invalid --markdown value '': "
+                                "expected a file name");
+            o->markdown_path = text;
+        } else {
+            return moe_fail(-EINVAL, "unknown option '%s'; see moe-ep bench "
+                            "--help", flag);
+        }
+    }
+    if (o->quick)
+        apply_quick_defaults(o, flag_given);
+    if (o->top_k > o->experts)
+        return moe_fail(-EINVAL, "invalid --top-k value %" PRId64 ": it exceeds "
+                        "--experts %" PRId64, o->top_k, o->experts);
+    return 0;
+}
+
+/* ---- report ------------------------------------------------------------ */
+
+static void print_header(FILE *out, const struct moe_bench_options *o)
+{
+    fprintf(out,
+        "# moe-ep benchmarks\n"
+        "\n"
+        "Generated by `moe-ep bench%s`. Every figure below is measured in the "
+        "same run and says how. Each is compared with a floor measured on "
+        "this machine in this run:\n"
+        "\n"
+        "- **Forward** time of one layer against the *expert-GEMM floor*: the "
+        "layer's expert FLOPs, 2 x 3 x (T x K) x H x F, divided by the sgemm "
+        "rate of all cores on the layer's own GEMM shapes. It ignores routing, "
+        "the exchanges and the combine, so no implementation reaches it. "
+        "Target: the best steady forward <= %.2f x floor at %d ranks.\n"
+        "- **All-to-all** throughput against *memcpy* bandwidth at the same "
+        "message size in one process. Target: >= %.0f%% of memcpy at 1 MiB "
+        "per pair with 2 ranks.\n"
+        "\n"
+        "Figures are the best of %d repetitions, with the median beside it. "
+        "GB/s means 10^9 bytes per second and GFLOP/s 10^9 floating-point "
+        "operations per second.\n\n",
+        o->quick ? " --quick" : "", FORWARD_TARGET_RATIO, o->ranks,
+        100 * ALLTOALL_TARGET_FRACTION, o->repeats);
+}
+
+/* The machine as seen when the bench started. */
+struct machine {
+    char date[64];
+    char model[256];
+    int avx2, fma, avx512;
+    double memory_gib;
+    struct utsname uname;
+    char load[64]; /* load average at the start */
+};
+
+/* Copies the first value of `key` in /proc/cpuinfo into buf, or "unknown". */
+static void cpuinfo_value(const char *key, char *buf, size_t size)
+{
+    snprintf(buf, size, "unknown");
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f)
+        return;
+    char line[8192];
+    size_t key_length = strlen(key);
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, key, key_length) != 0)
+            continue;
+        char *colon = strchr(line, ':');
+        if (!colon)
+            continue;
+        char *value = colon + 1 + (colon[1] == ' ');
+        value[strcspn(value, "\n")] = '\0';
+        snprintf(buf, size, "%s", value);
+        break;
+    }
+    fclose(f);
+}
+
+/* Returns whether the space-separated list `flags` contains `flag`. */
+static int has_flag(const char *flags, const char *flag)
+{
+    size_t n = strlen(flag);
+    for (const char *p = flags; (p = strstr(p, flag)) != NULL; p += n)
+        if ((p == flags || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\0'))
+            return 1;
+    return 0;
+}
+
+/* Copies the 1, 5 and 15 minute load averages into buf. */
+static void load_average(char *buf, size_t size)
+{
+    snprintf(buf, size, "unknown");
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (!f)
+        return;
+    double one, five, fifteen;
+    if (fscanf(f, "%lf %lf %lf", &one, &five, &fifteen) == 3)
+        snprintf(buf, size, "%.2f, %.2f, %.2f", one, five, fifteen);
+    fclose(f);
+}
+
+static void read_machine(struct machine *m)
+{
+    char flags[8192];
+    time_t now = time(NULL);
+    struct tm utc;
+    gmtime_r(&now, &utc);
+    strftime(m->date, sizeof m->date, "%Y-%m-%d %H:%M UTC", &utc);
+    cpuinfo_value("model name", m->model, sizeof m->model);
+    cpuinfo_value("flags", flags, sizeof flags);
+    m->avx2 = has_flag(flags, "avx2");
+    m->fma = has_flag(flags, "fma");
+    m->avx512 = has_flag(flags, "avx512f");
+    m->memory_gib = (double)sysconf(_SC_PHYS_PAGES) *
+                    (double)sysconf(_SC_PAGESIZE) / 1073741824.0;
+    if (uname(&m->uname) != 0)
+        m->uname = (struct utsname){.sysname = "unknown"};
+    load_average(m->load, sizeof m->load);
+}
+
+static void print_machine(FILE *out, const struct machine *m, int cores)
+{
+    fprintf(out, "## Machine\n\n| item | value |\n|---|---|\n");
+    fprintf(out, "| date | %s |\n", m->date);
+    fprintf(out, "| CPU (/proc/cpuinfo) | %s; AVX2 %s, FMA %s, AVX-512 %s |\n",
+            m->model, m->avx2 ? "yes" : "no", m->fma ? "yes" : "no",
+            m->avx512 ? "yes" : "no");
+    fprintf(out, "| cores online (sysconf) | %d |\n", cores);
+    fprintf(out, "| memory | %.1f GiB |\n", m->memory_gib);
+    fprintf(out, "| kernel | %s %s %s |\n", m->uname.sysname, m->uname.release,
+            m->uname.machine);
+    fprintf(out, "| OpenBLAS | %s; core %s |\n", openblas_get_config(),
+            openblas_get_corename());
+    fprintf(out, "| compiler | %s |\n", __VERSION__);
+    fprintf(out, "| load average before the run (1, 5, 15 min) | %s |\n\n",
+            m->load);
+}
+
+static void print_targets(FILE *out, const struct moe_bench_options *o,
+                          const struct moe_bench_results *res)
+{
+    fprintf(out, "## Targets\n\n| target | measured | verdict |\n|---|---|---|\n");
+    for (int i = 0; i < res->forward_count; i++) {
+        const struct moe_bench_forward *f = &res->forward[i];
+        if (f->ranks != o->ranks)
+            continue;
+        double ratio = f->steps_best_ms / res->floor_ms;
+        fprintf(out, "| best steady forward, %d ranks, <= %.2f x expert-GEMM floor "
+                "| %.2f x (%.1f ms / %.1f ms) | %s |\n", o->ranks,
+                FORWARD_TARGET_RATIO, ratio, f->steps_best_ms, res->floor_ms,
+                ratio <= FORWARD_TARGET_RATIO ? "met" : "missed");
+    }
+
+    const struct moe_bench_alltoall *a = moe_bench_find_alltoall(
+        res, 2, ALLTOALL_TARGET_BYTES);
+    double memcpy_gbps = moe_bench_memcpy_gbps(res, ALLTOALL_TARGET_BYTES);
+    if (a && memcpy_gbps > 0) {
+        double fraction = a->best_gbps / memcpy_gbps;
+        fprintf(out, "| all-to-all, 2 ranks, 1 MiB per pair, rings of %"
+                PRIu64 " bytes, >= %.0f%% of memcpy | %.0f%% (%.2f GB/s / "
+                "%.2f GB/s) | %s |\n", o->ring_bytes,
+                100 * ALLTOALL_TARGET_FRACTION, 100 * fraction, a->best_gbps,
+                memcpy_gbps,
+                fraction >= ALLTOALL_TARGET_FRACTION ? "met" : "missed");
+    }
+    fprintf(out, "\n");
+}
+
+/* ---- driver ------------------------------------------------------------ */
+
+/* Writes the report to path through a temporary file and a rename, so that
+ * a failed write leaves the old file in place. */
+static int write_markdown(const char *path, const char *text, size_t bytes)
+{
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
+        return moe_fail(-EINVAL, "invalid --markdown value '%s': the path is "
+                        "too long", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f)
+        return moe_fail(-errno, "cannot write the report to %s: %s", tmp,
+                        strerror(errno));
+    size_t written = fwrite(text, 1, bytes, f);
+    int failed = written != bytes || ferror(f);
+    if (fclose(f) != 0 || failed) {
+        int code = errno ? -errno : -EIO;
+        unlink(tmp);
+        return moe_fail(code, "writing the report to %s failed: %s", tmp,
+                        strerror(-code));
+    }
+    if (rename(tmp, path) != 0) {
+        int code = -errno;
+        unlink(tmp);
+        return moe_fail(code, "renaming %s to %s failed: %s", tmp, path,
+                        strerror(-code));
+    }
+    return 0;
+}
+
+/* Runs every measurement in the order that keeps them apart: the floors,
+ * the layer figures, and the all-core sgemm rate again at the end. */
+static int measure_all(const struct moe_bench_options *o,
+                       struct moe_bench_results *res)
+{
+    int rc = moe_bench_measure_floors(o, res);
+    if (rc == 0)
+        rc = moe_bench_measure_forward(o, res);
+    if (rc == 0)
+        rc = moe_bench_measure_alltoall(o, res);
+    if (rc == 0)
+        rc = moe_bench_measure_sgemm_again(o, res);
+    return rc;
+}
+
+static void print_report(FILE *out, const struct moe_bench_options *o,
+                         const struct machine *machine,
+                         const struct moe_bench_results *res)
+{
+    print_header(out, o);
+    print_targets(out, o, res);
+    print_machine(out, machine, res->cores);
+    moe_bench_print_floors(out, o, res);
+    moe_bench_print_forward(out, o, res);
+    moe_bench_print_alltoall(out, o, res);
 }
 
 int moe_bench(const struct moe_bench_options *o, FILE *out)
 {
-    (void)o;
-    (void)out;
-    return moe_fail(-ENOSYS, "bench is not built yet");
+    struct machine machine;
+    read_machine(&machine);
+    struct moe_bench_results *res = calloc(1, sizeof *res);
+    if (!res)
+        return moe_fail(-ENOMEM, "out of memory for the bench results");
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    if (cores < 1)
+        cores = 1;
+    if (cores > MOE_MAX_RANKS)
+        cores = MOE_MAX_RANKS;
+    res->cores = (int)cores;
+
+    int rc = measure_all(o, res);
+    if (rc) {
+        free(res);
+        return rc;
+    }
+
+    /* The report goes to memory first, so that `out` and the file get the
+     * same text. */
+    char *text = NULL;
+    size_t bytes = 0;
+    FILE *report = open_memstream(&text, &bytes);
+    if (!report) {
+        free(res);
+        return moe_fail(-errno, "cannot keep the report in memory: %s",
+                        strerror(errno));
+    }
+    print_report(report, o, &machine, res);
+    fclose(report);
+    free(res);
+
+    fwrite(text, 1, bytes, out);
+    fflush(out);
+    if (o->markdown_path)
+        rc = write_markdown(o->markdown_path, text, bytes);
+    free(text);
+    return rc;
 }

@@ -66,6 +66,7 @@ struct moe_dist_rank {
     const struct moe_dist_input *input;
     struct moe_rank_slot *slot;
     int64_t step_start_ns;
+    uint64_t step_wait_start_ns; /* comm->wait_ns of the step at its start */
 
     int64_t token_first, tokens;   /* this rank's token block */
     int64_t expert_first, experts; /* this rank's expert block */
@@ -125,12 +126,13 @@ static void begin_step(struct moe_dist_rank *f, int step)
     atomic_store_explicit(&f->slot->step, step, memory_order_release);
     inject_fault(f->comm->rank, step);
     f->step_start_ns = moe_now_ns();
+    f->step_wait_start_ns = f->comm->wait_ns[step];
 }
 
 static void end_step(struct moe_dist_rank *f, int step)
 {
     f->slot->step_ns[step] = (uint64_t)(moe_now_ns() - f->step_start_ns);
-    f->slot->wait_ns[step] = f->comm->wait_ns[step];
+    f->slot->wait_ns[step] = f->comm->wait_ns[step] - f->step_wait_start_ns;
 }
 
 /* Checks the counts rank s announced: each expert gets at most one row per

@@ -18,7 +18,12 @@
 
 void moe_blas_init(void)
 {
-    openblas_set_num_threads(1);
+    /* Set the count only when it differs. In a process forked from one that
+     * already runs OpenBLAS, openblas_set_num_threads(1) starts a new thread
+     * pool (seen with 0.3.21), and its idle thread keeps taking the core
+     * from the rank with sched_yield. */
+    if (openblas_get_num_threads() != 1)
+        openblas_set_num_threads(1);
 }
 
 void *moe_alloc_large(size_t bytes)

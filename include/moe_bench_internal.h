@@ -1,0 +1,171 @@
+/*
+ * moe_bench_internal.h - what the three bench files share: the measured
+ * figures, the timing rule, and the printers of the report sections.
+ *
+ * Timing rule of the floors and the all-to-all: one warm-up call, then
+ * probes of 1, 2, 4, ... calls until one has at least 8 calls and lasts an
+ * eighth of `loop_ns`, which sizes a loop to last about `loop_ns`, then
+ * `repeats` such loops. Each loop gives one time per call, and the report
+ * shows the best and the median loop. In a multi-process figure every rank
+ * times its own loop after a barrier, and a loop's time is the max over the
+ * ranks.
+ */
+#ifndef MOE_BENCH_INTERNAL_H
+#define MOE_BENCH_INTERNAL_H
+
+#include "moe_bench.h"
+#include "moe_launch.h"
+
+#include <stdint.h>
+#include <stdio.h>
+
+/* Seed of the bench's weights and tokens; fixed so that runs compare. */
+#define MOE_BENCH_SEED 1
+/* Sizes of the memcpy floor: the four all-to-all message sizes and a 64 MiB
+ * copy meant to exceed the caches. */
+#define MOE_BENCH_MEMCPY_SIZES 5
+/* Largest number of rank counts in the forward table and of rows in the
+ * all-to-all table. */
+#define MOE_BENCH_MAX_FORWARDS 8
+#define MOE_BENCH_MAX_ALLTOALLS 16
+
+/* Steps of a forward: route, layout exchange, dispatch, compute, combine. */
+#define MOE_BENCH_FORWARD_STEPS 5
+
+/* One row of the forward table. Times are in ms. */
+struct moe_bench_forward {
+    int ranks;
+    /* Steady state: forwards 2 to 1 + repeats of one launch. A forward's
+     * time is the max over the ranks of the sum of its step times. */
+    double steps_best_ms, steps_median_ms;
+    double step_ms[MOE_BENCH_FORWARD_STEPS]; /* best forward, per step from
+                                                route to combine, max over
+                                                ranks */
+    double wait_ms[MOE_BENCH_FORWARD_STEPS]; /* of which waiting on peers */
+    int64_t busiest_rows; /* rows computed by the busiest rank */
+    /* Cold: one forward per launch, as `moe-ep run` does. */
+    double cold_steps_best_ms;               /* step sum, as above */
+    double launch_best_ms, launch_median_ms; /* first fork to last exit */
+};
+
+/* One row of the all-to-all table. */
+struct moe_bench_alltoall {
+    int ranks;
+    uint64_t ring_bytes;     /* data bytes of each ring */
+    uint64_t bytes_per_pair; /* bytes each rank sends to each other rank */
+    int one_token;           /* the 1-token dispatch: one row of H floats */
+    int64_t calls;           /* calls per timed loop */
+    double best_us, median_us;     /* time per call */
+    double best_gbps, median_gbps; /* R x (R - 1) x bytes_per_pair per call */
+};
+
+struct moe_bench_results {
+    int cores; /* online cores, capped at MOE_MAX_RANKS */
+
+    int64_t gemm_rows; /* M = T x K / E, rounded, at least 1 */
+    double sgemm_one_gflops, sgemm_one_median_gflops;     /* 1 thread */
+    double sgemm_threads_gflops, sgemm_threads_median_gflops; /* 1 process,
+                                                                 `cores` threads */
+    double sgemm_procs_gflops, sgemm_procs_median_gflops; /* `cores` processes
+                                                             of 1 thread */
+    double sgemm_again_gflops, sgemm_again_median_gflops; /* the same, after
+                                                             the layer figures */
+    double machine_gflops; /* the highest of the three all-core rates */
+    double floor_ms;       /* expert FLOPs / machine_gflops */
+
+    uint64_t memcpy_bytes[MOE_BENCH_MEMCPY_SIZES];
+    double memcpy_gbps[MOE_BENCH_MEMCPY_SIZES], memcpy_median_gbps[MOE_BENCH_MEMCPY_SIZES];
+
+    struct moe_bench_forward forward[MOE_BENCH_MAX_FORWARDS];
+    int forward_count;
+    struct moe_bench_alltoall alltoall[MOE_BENCH_MAX_ALLTOALLS];
+    int alltoall_count;
+    struct moe_bench_alltoall ring_sweep[MOE_BENCH_MAX_ALLTOALLS];
+    int ring_sweep_count;
+};
+
+/* ---- timing helpers (bench_floor.c) ------------------------------------ */
+
+/* Returns the length of one timed loop: 40 ms, or 4 ms with --quick. */
+int64_t moe_bench_loop_ns(const struct moe_bench_options *options);
+
+/* Times `run(state)` in this process by the timing rule. per_call_ns
+ * receives one value per repeat. Returns the calls per loop. */
+int64_t moe_bench_time_local(void (*run)(void *state), void *state,
+                             int repeats, int64_t loop_ns, double *per_call_ns);
+
+/* The app area of a multi-process figure: per case, the calls per loop and
+ * each rank's time of each loop. Each rank writes only its own entries. */
+#define MOE_BENCH_AREA_MAGIC 0x48434e4542454f4dULL /* "MOEBENCH" read as bytes */
+#define MOE_BENCH_MAX_CASES 12
+struct moe_bench_area {
+    uint64_t magic;
+    int64_t calls[MOE_BENCH_MAX_CASES];
+    int64_t loop_ns[MOE_BENCH_MAX_CASES][MOE_BENCH_MAX_REPEATS][MOE_MAX_RANKS];
+};
+
+/* Times `run(comm, state)` on every rank by the timing rule and records the
+ * loops as case `index` of `area`. Every rank must call it with the same
+ * arguments except `state`. Returns 0 or the first error of `run` or of a
+ * collective. */
+int moe_bench_time_ranks(struct moe_comm *comm, struct moe_bench_area *area,
+                         int index, int repeats, int64_t loop_ns,
+                         int (*run)(struct moe_comm *comm, void *state),
+                         void *state);
+
+/* Reduces case `index` of `area`: per loop the max over `ranks`, divided by
+ * the calls. per_call_ns receives one value per repeat. */
+void moe_bench_area_per_call(const struct moe_bench_area *area, int index,
+                             int ranks, int repeats, double *per_call_ns);
+
+/* Formats a byte count as "4 KiB" or "1 MiB" when it is a whole number of
+ * either, else as bytes. */
+void moe_bench_format_bytes(uint64_t bytes, char *buf, size_t size);
+
+/* Sorts values[0..count) and returns the median. */
+double moe_bench_median(double *values, int count);
+/* Returns the smallest of values[0..count). */
+double moe_bench_min(const double *values, int count);
+
+/* Runs one moe_launch and turns a failure into a message that names the
+ * figure and the failed rank. Returns 0 or a negative error. */
+int moe_bench_launch(struct moe_launch *launch, const char *figure);
+
+/* ---- measurements ------------------------------------------------------ */
+
+/* Measures the sgemm and memcpy floors (bench_floor.c). */
+int moe_bench_measure_floors(const struct moe_bench_options *options,
+                             struct moe_bench_results *results);
+
+/* Measures the all-core sgemm rate once more, after the layer figures, and
+ * sets the machine rate and the floor from all of them (bench_floor.c). */
+int moe_bench_measure_sgemm_again(const struct moe_bench_options *options,
+                                  struct moe_bench_results *results);
+
+/* Measures the forward at 1, 2, 4, 8 and --ranks ranks (bench_layer.c). */
+int moe_bench_measure_forward(const struct moe_bench_options *options,
+                              struct moe_bench_results *results);
+
+/* Measures the all-to-all at 2 and 4 ranks, and at 2 ranks over several
+ * ring sizes (bench_layer.c). */
+int moe_bench_measure_alltoall(const struct moe_bench_options *options,
+                               struct moe_bench_results *results);
+
+/* Print the report sections as Markdown. */
+void moe_bench_print_floors(FILE *out, const struct moe_bench_options *options,
+                            const struct moe_bench_results *results);
+void moe_bench_print_forward(FILE *out, const struct moe_bench_options *options,
+                             const struct moe_bench_results *results);
+void moe_bench_print_alltoall(FILE *out, const struct moe_bench_options *options,
+                              const struct moe_bench_results *results);
+
+/* Finds the all-to-all row for `ranks` and `bytes_per_pair`, or NULL. */
+const struct moe_bench_alltoall *
+moe_bench_find_alltoall(const struct moe_bench_results *results, int ranks,
+                        uint64_t bytes_per_pair);
+
+/* Returns the best memcpy bandwidth measured at `bytes`, or 0. */
+double moe_bench_memcpy_gbps(const struct moe_bench_results *results,
+                             uint64_t bytes);
+
+#endif
