@@ -17,7 +17,7 @@ struct moe_bench_options {
     int64_t hidden, ffn, experts, top_k; /* [1024, 1024, 16, 2] */
     int repeats;                /* timed repetitions per figure [5], at most
                                    MOE_BENCH_MAX_REPEATS */
-    uint64_t ring_bytes;        /* ring size [64K] */
+    uint64_t ring_bytes;        /* ring size [1M] */
     const char *markdown_path;  /* write the report here too, or NULL */
     int quick;                  /* smaller shapes, for tests */
 };

@@ -36,7 +36,8 @@
 
 struct moe_launch_config {
     int ranks;              /* R, 1 to MOE_MAX_RANKS */
-    uint64_t ring_capacity; /* data bytes per ring, a power of two */
+    uint64_t ring_capacity; /* data bytes per ring, a power of two, or 0 for
+                               moe_ring_default_capacity(ranks) */
     uint64_t app_bytes;     /* size of the app area */
     int64_t timeout_ns;     /* per-wait deadline with no progress */
     /* Runs in each rank process. Returns 0 or a negative error code with a

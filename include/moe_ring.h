@@ -88,6 +88,12 @@ struct moe_ring_record {
     uint32_t part2_bytes;
 };
 
+/* Default ring capacity for R ranks: 1 MiB, halved until the R * R rings
+ * take at most 256 MiB together, and never below 64 KiB (the size at
+ * R = 64). Large rings let a big message stream without the producer
+ * waiting on the consumer after every chunk. */
+uint64_t moe_ring_default_capacity(int ranks);
+
 /* Bytes one ring with `capacity` data bytes takes in the segment. */
 uint64_t moe_ring_footprint(uint64_t capacity);
 

@@ -60,6 +60,7 @@ struct moe_segment_header {
     uint64_t app_bytes;
     int64_t launcher_pid;
     int64_t timeout_ns;      /* a wait with no progress for this long fails */
+    int64_t spin_ns;         /* how long a waiter polls before it sleeps */
 
     /* Set to 1 by the launcher or by a failing rank, then every doorbell is
      * rung. Waiters check it after every wake-up. */
@@ -125,8 +126,9 @@ void moe_segment_abort(struct moe_segment_header *h);
 /* Monotonic clock in nanoseconds; every rank reads the same clock. */
 int64_t moe_now_ns(void);
 
-/* Waits until `rank`'s doorbell differs from `seen`: a short spin, then a
- * futex sleep in slices of at most 50 ms. Returns 0 when the doorbell moved
+/* Waits until `rank`'s doorbell differs from `seen`: it polls for the
+ * segment's spin_ns (at least 64 polls), then sleeps on the futex in slices
+ * of at most 50 ms. Returns 0 when the doorbell moved
  * (or a slice ended, so the caller re-checks its condition), -ECANCELED when
  * the abort flag is set or the launcher has died, and -ETIMEDOUT once
  * `deadline_ns` has passed. It never burns a whole time slice spinning, so a

@@ -47,7 +47,7 @@ void moe_bench_options_default(struct moe_bench_options *o)
         .experts = 16,
         .top_k = 2,
         .repeats = 5,
-        .ring_bytes = 64 * 1024,
+        .ring_bytes = 1 << 20, /* moe_ring_default_capacity() up to 16 ranks */
     };
 }
 
@@ -72,7 +72,7 @@ void moe_bench_usage(FILE *out)
         "  --repeats N       timed repetitions of every figure, 1 to %d; the\n"
         "                    report gives the best and the median [5]\n"
         "  --ring-size BYTES data bytes of each ring, a power of two from 64 to\n"
-        "                    1G; K, M, G suffixes allowed [64K]\n"
+        "                    1G; K, M, G suffixes allowed [1M]\n"
         "  --markdown FILE   also write the report to FILE\n"
         "  --quick           small shapes and short loops, for a smoke test of\n"
         "                    a few seconds; shape flags still apply\n"

@@ -32,9 +32,13 @@ int moe_launch_create(struct moe_launch *launch,
     if (config->timeout_ns <= 0)
         return moe_fail(-EINVAL, "invalid timeout: expected a positive time");
 
+    if (launch->config.ring_capacity == 0 && config->ranks >= 1 &&
+        config->ranks <= MOE_MAX_RANKS)
+        launch->config.ring_capacity = moe_ring_default_capacity(config->ranks);
+
     struct moe_segment_header layout;
-    int rc = moe_segment_layout(&layout, config->ranks, config->ring_capacity,
-                                config->app_bytes);
+    int rc = moe_segment_layout(&layout, config->ranks,
+                                launch->config.ring_capacity, config->app_bytes);
     if (rc)
         return rc;
 
@@ -73,6 +77,11 @@ int moe_launch_create(struct moe_launch *launch,
     *h = layout;
     h->launcher_pid = getpid();
     h->timeout_ns = config->timeout_ns;
+    /* With a core for every rank, the peer being waited on is running, and
+     * polling for 20 us avoids a futex round trip for short waits. With more
+     * ranks than cores the peer may need this core, so sleep at once. */
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    h->spin_ns = cores > 0 && config->ranks <= cores ? 20 * 1000 : 0;
     for (int src = 0; src < config->ranks; src++)
         for (int dst = 0; dst < config->ranks; dst++)
             moe_ring_init(moe_segment_ring(h, src, dst), h->ring_capacity, 0);

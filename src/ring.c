@@ -13,6 +13,15 @@
 
 #define RING_MAGIC 0x474e495245454f4dULL /* "MOEERING" read as bytes */
 
+uint64_t moe_ring_default_capacity(int ranks)
+{
+    uint64_t capacity = 1ULL << 20;
+    uint64_t pairs = (uint64_t)ranks * (uint64_t)ranks;
+    while (capacity > (64u << 10) && pairs * capacity > (256ULL << 20))
+        capacity >>= 1;
+    return capacity;
+}
+
 uint64_t moe_ring_footprint(uint64_t capacity)
 {
     return sizeof(struct moe_ring) + capacity;

@@ -35,7 +35,7 @@ void moe_run_options_default(struct moe_run_options *o)
         .ranks = 4,
         .seed = 1,
         .timeout_seconds = 60.0,
-        .ring_bytes = 64 * 1024,
+        .ring_bytes = 0, /* moe_ring_default_capacity(ranks) */
     };
 }
 
@@ -64,7 +64,8 @@ void moe_run_usage(FILE *out)
         "  --timeout SECONDS fail a wait on a peer after this long without\n"
         "                    progress [60]\n"
         "  --ring-size BYTES data bytes of each of the R*R rings, a power of two\n"
-        "                    from 64 to 1G; K, M, G suffixes allowed [64K]\n"
+        "                    from 64 to 1G; K, M, G suffixes allowed [1M, halved\n"
+        "                    until the rings take at most 256M; 64K at R = 64]\n"
         "  -h, --help        show this text\n"
         "\n"
         "exit status: 0 bitwise equal, 1 golden mismatch, 2 invalid usage or\n"
@@ -139,6 +140,8 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
                             flag);
         }
     }
+    if (o->ring_bytes == 0)
+        o->ring_bytes = moe_ring_default_capacity(o->ranks);
     if (o->shape.top_k > o->shape.experts)
         return moe_fail(-EINVAL, "invalid --top-k value %" PRId64 ": it exceeds "
                         "--experts %" PRId64, o->shape.top_k, o->shape.experts);

@@ -15,9 +15,9 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Polls of the doorbell before sleeping. About 2 us of pause instructions:
- * long enough to catch a peer running on the other core, short enough not
- * to matter when the peer needs this core. */
+/* Polls of the doorbell between clock reads, and the whole spin when ranks
+ * outnumber cores: a few microseconds of pause instructions, short enough
+ * not to matter when the peer needs this core. */
 enum { SPIN_POLLS = 64 };
 /* Longest single sleep, so that the abort flag, the deadline and the
  * launcher's liveness are rechecked even if a wake-up is missed. */
@@ -162,11 +162,14 @@ int moe_doorbell_wait(struct moe_segment_header *h, int rank, uint32_t seen,
 {
     struct moe_rank_slot *slot = moe_segment_slot(h, rank);
 
-    for (int i = 0; i < SPIN_POLLS; i++) {
-        if (atomic_load_explicit(&slot->doorbell, memory_order_acquire) != seen)
-            return 0;
-        cpu_relax();
-    }
+    int64_t spin_until = h->spin_ns > 0 ? moe_now_ns() + h->spin_ns : 0;
+    do {
+        for (int i = 0; i < SPIN_POLLS; i++) {
+            if (atomic_load_explicit(&slot->doorbell, memory_order_acquire) != seen)
+                return 0;
+            cpu_relax();
+        }
+    } while (spin_until && moe_now_ns() < spin_until);
 
     if (atomic_load_explicit(&h->abort_flag, memory_order_acquire))
         return -ECANCELED;

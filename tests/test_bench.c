@@ -44,7 +44,7 @@ Test(bench_parse, defaults_match_prefill_shape)
     cr_expect_eq(o.experts, 16);
     cr_expect_eq(o.top_k, 2);
     cr_expect_eq(o.repeats, 5);
-    cr_expect_eq(o.ring_bytes, 64 * 1024);
+    cr_expect_eq(o.ring_bytes, 1 << 20);
     cr_expect_null(o.markdown_path);
     cr_expect_eq(o.quick, 0);
 }

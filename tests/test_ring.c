@@ -497,3 +497,18 @@ Test(ring, init_and_attach_checks, .timeout = TEST_TIMEOUT_S)
     cr_expect_eq(moe_ring_consumer_attach(&consumer, t.memory, 256), 0);
     ring_close(&t);
 }
+
+/* The default ring size keeps the R * R rings within 256 MiB and never goes
+ * below 64 KiB. */
+Test(ring, default_capacity_by_ranks)
+{
+    cr_assert_eq(moe_ring_default_capacity(1), 1u << 20);
+    cr_assert_eq(moe_ring_default_capacity(16), 1u << 20);
+    cr_assert_eq(moe_ring_default_capacity(17), 512u << 10);
+    cr_assert_eq(moe_ring_default_capacity(64), 64u << 10);
+    for (int ranks = 1; ranks <= 64; ranks++) {
+        uint64_t capacity = moe_ring_default_capacity(ranks);
+        cr_assert(moe_ring_capacity_valid(capacity));
+        cr_assert_leq((uint64_t)ranks * ranks * capacity, 256ULL << 20);
+    }
+}
