@@ -229,7 +229,7 @@ static int64_t rows_from(const struct moe_dist_rank *f, int64_t E, int src)
 static int reserve_received(struct moe_dist_rank *f, int64_t rows, int64_t max_rows)
 {
     const struct moe_shape *s = &f->input->weights->shape;
-    if (rows > f->received_capacity) {
+    if (rows > f->received_capacity || !f->recv_rows) {
         free(f->recv_rows);
         free(f->expert_in);
         free(f->expert_out);
@@ -244,7 +244,7 @@ static int reserve_received(struct moe_dist_rank *f, int64_t rows, int64_t max_r
                             " received rows", f->comm->rank, rows);
         }
     }
-    if (max_rows > f->scratch_capacity) {
+    if (max_rows > f->scratch_capacity || !f->scratch) {
         free(f->scratch);
         f->scratch = moe_alloc_large((size_t)(moe_expert_scratch_floats(max_rows, s->ffn) + 1) *
                                      sizeof(float));
