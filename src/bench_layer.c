@@ -10,6 +10,7 @@
  * times in a struct moe_bench_area in the app area.
  */
 #include "moe_bench_internal.h"
+#include "moe_run.h"
 #include "moe_dist.h"
 #include "moe_error.h"
 
@@ -35,25 +36,6 @@ static const int FORWARD_STEPS[] = {MOE_STEP_ROUTE, MOE_STEP_LAYOUT,
 enum { FORWARD_STEP_COUNT = sizeof FORWARD_STEPS / sizeof FORWARD_STEPS[0] };
 static_assert(FORWARD_STEP_COUNT == MOE_BENCH_FORWARD_STEPS,
               "the forward table has a column per step");
-
-/* Rejects a shape whose weights, tokens and rank buffers would not fit in
- * this machine's memory. */
-static int check_memory(const struct moe_shape *s)
-{
-    double floats = 3.0 * (double)s->experts * (double)s->ffn * (double)s->hidden +
-                    /* tokens, and the output in the segment */
-                    2.0 * (double)s->tokens * (double)s->hidden +
-                    /* the ranks' send, receive, expert and returned rows */
-                    5.0 * (double)s->tokens * (double)s->top_k * (double)s->hidden;
-    double need = floats * sizeof(float);
-    double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
-    if (have > 0 && need > 0.8 * have)
-        return moe_fail(-EINVAL, "the bench layer needs about %.1f GiB but this "
-                        "machine has %.1f GiB; use smaller --tokens, --hidden, "
-                        "--ffn or --experts", need / 1073741824.0,
-                        have / 1073741824.0);
-    return 0;
-}
 
 /* Returns the rows that the busiest rank computed, from the (R, E) counts. */
 static int64_t busiest_rows(const int64_t *counts, int ranks, int64_t experts)
@@ -329,7 +311,7 @@ int moe_bench_measure_forward(const struct moe_bench_options *o,
     struct moe_shape shape = {.tokens = o->tokens, .hidden = o->hidden,
                               .ffn = o->ffn, .experts = o->experts,
                               .top_k = o->top_k};
-    int rc = check_memory(&shape);
+    int rc = moe_run_check_memory(&shape);
     if (rc)
         return rc;
     struct moe_weights weights = {0};

@@ -148,11 +148,8 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
     return 0;
 }
 
-/* Rejects a layer whose buffers would not fit in this machine's memory,
- * before anything is allocated. */
-static int check_memory(const struct moe_run_options *o)
+int moe_run_check_memory(const struct moe_shape *s)
 {
-    const struct moe_shape *s = &o->shape;
     double floats = 3.0 * (double)s->experts * (double)s->ffn * (double)s->hidden +
                     /* tokens, output, golden output */
                     3.0 * (double)s->tokens * (double)s->hidden +
@@ -279,7 +276,7 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
     if ((rc = load_tokens(o, &tokens)))
         return rc;
     const struct moe_shape *s = &o->shape;
-    if ((rc = check_memory(o)))
+    if ((rc = moe_run_check_memory(s)))
         goto out;
     if ((rc = moe_weights_init_random(&weights, s, o->seed)))
         goto out;
