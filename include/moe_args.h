@@ -23,4 +23,9 @@ int moe_parse_bytes(const char *flag, const char *text, uint64_t min,
 int moe_parse_double(const char *flag, const char *text, double min,
                      double max, double *value);
 
+/* Rejects, with -EINVAL, an output file path whose directory does not
+ * exist or cannot be written, so that a run fails before its work rather
+ * than after it. */
+int moe_check_output_path(const char *flag, const char *path);
+
 #endif

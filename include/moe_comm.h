@@ -47,10 +47,16 @@ void moe_comm_set_step(struct moe_comm *comm, int step);
 /* Variable-size all-to-all with MPI_Alltoallv semantics, in bytes: this rank
  * sends send_bytes[d] bytes from send + send_offsets[d] to rank d, and
  * receives recv_bytes[s] bytes from rank s into recv + recv_offsets[s].
- * The caller must already know recv_bytes (from a layout exchange); a peer
- * that sends more, or a record with the wrong tag, is an -EPROTO error. The
+ * All arrays are (R), and the send and receive buffers must not overlap.
+ * The caller must already know recv_bytes (from a layout exchange). The
  * rank's own block is copied locally. Sends and receives progress with all
- * peers at once, so bounded rings cannot deadlock. All arrays are (R). */
+ * peers at once, so bounded rings cannot deadlock.
+ * Returns 0, or:
+ *   -EINVAL     send_bytes[rank] differs from recv_bytes[rank];
+ *   -EPROTO     a peer sent more than announced, or a record with the
+ *               wrong tag or an invalid header;
+ *   -ETIMEDOUT  no progress for the segment's timeout;
+ *   -ECANCELED  the run was aborted or the launcher died. */
 int moe_alltoallv(struct moe_comm *comm, const void *send,
                   const uint64_t *send_bytes, const uint64_t *send_offsets,
                   void *recv, const uint64_t *recv_bytes,

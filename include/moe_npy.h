@@ -1,7 +1,7 @@
 /*
  * moe_npy.h - reading and writing 2-D float32 arrays in NumPy's .npy format.
  *
- * This is how the program exchanges weights, tokens and outputs with Python:
+ * This is how the program exchanges tokens and outputs with Python:
  * np.save() and np.load() read and write the same files. Only the subset the
  * layer needs is supported: little-endian float32 ('<f4'), C order, two
  * dimensions. Any other file is rejected with -EINVAL and a message that

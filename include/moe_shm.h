@@ -12,9 +12,9 @@
  *   app area      app_bytes owned by the program that launched the run
  *
  * The segment is created by the launcher (moe_launch.h) and is sized once;
- * nothing in it is resized or freed while ranks run. Pages of rings that
- * are never used are never touched, so a large R costs address space, not
- * memory.
+ * nothing in it is resized or freed while ranks run. Of a ring that carries
+ * nothing, only the page with its header is touched, so a large R costs
+ * address space more than memory.
  */
 #ifndef MOE_SHM_H
 #define MOE_SHM_H

@@ -8,7 +8,10 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 
 int moe_parse_int64(const char *flag, const char *text, int64_t min,
                     int64_t max, int64_t *value)
@@ -58,6 +61,25 @@ int moe_parse_bytes(const char *flag, const char *text, uint64_t min,
                         "%" PRIu64 " to %" PRIu64 " bytes, optionally with a "
                         "K, M or G suffix", flag, text, min, max);
     *value = (uint64_t)v << shift;
+    return 0;
+}
+
+int moe_check_output_path(const char *flag, const char *path)
+{
+    char dir[4096];
+    if (snprintf(dir, sizeof dir, "%s", path) >= (int)sizeof dir)
+        return moe_fail(-EINVAL, "invalid %s file: the path is longer than %zu "
+                        "bytes", flag, sizeof dir - 1);
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        snprintf(dir, sizeof dir, ".");
+    else if (slash == dir)
+        dir[1] = '\0';
+    else
+        *slash = '\0';
+    if (access(dir, W_OK) != 0)
+        return moe_fail(-EINVAL, "invalid %s file '%s': directory '%s' is not "
+                        "writable: %s", flag, path, dir, strerror(errno));
     return 0;
 }
 

@@ -533,7 +533,7 @@ void moe_bench_print_alltoall(FILE *out, const struct moe_bench_options *o,
         "## All-to-all\n\n"
         "Each rank calls `moe_alltoallv` with the given bytes for every other "
         "rank and none for itself, through rings of %" PRIu64 " bytes. A rank "
-        "makes one warm-up call and probes that size the loop, then %d loops, "
+        "makes one warm-up call and probe calls that size the loop, then %d loops, "
         "each after a barrier; a loop's time is the slowest rank's, and the "
         "time per call is that divided by the calls. *Throughput* counts the "
         "bytes that cross between distinct ranks, R x (R - 1) x bytes per "

@@ -7,13 +7,14 @@
 
 #include <inttypes.h>
 #include <string.h>
+#include <unistd.h>
 
 static double ms(uint64_t ns)
 {
     return (double)ns / 1e6;
 }
 
-/* Prints max/mean of values[0..count), the imbalance figure. */
+/* Returns max/mean of values[0..count), the imbalance figure. */
 static double imbalance(const int64_t *values, int64_t count)
 {
     int64_t max = 0, sum = 0;
@@ -86,7 +87,7 @@ static void print_traffic(FILE *out, const struct moe_run_result *r)
         }
         fprintf(out, "\n");
     }
-    fprintf(out, "  bytes through the rings per direction: %" PRIu64
+    fprintf(out, "  row payload bytes through the rings per direction: %" PRIu64
             " (the diagonal is copied locally)\n", crossing);
 }
 
@@ -112,6 +113,11 @@ static void print_steps(FILE *out, const struct moe_run_result *r)
     fprintf(out, "  forward on %d ranks, launch to last exit: %.3f ms; golden "
             "path in one process: %.3f ms\n", r->options.ranks,
             ms((uint64_t)r->forward_ns), ms((uint64_t)r->golden_ns));
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    if (cores > 0 && r->options.ranks > cores)
+        fprintf(out, "  note: %d ranks share %ld cores, so a step's time also "
+                "counts time slices given to other ranks\n", r->options.ranks,
+                cores);
 }
 
 void moe_run_print_report(FILE *out, const struct moe_run_result *r)
@@ -123,8 +129,9 @@ void moe_run_print_report(FILE *out, const struct moe_run_result *r)
             ", ffn %" PRId64 ", experts %" PRId64 ", top-k %" PRId64 "\n",
             o->ranks, s->tokens, s->hidden, s->ffn, s->experts, s->top_k);
     fprintf(out, "  tokens: %s; seed %" PRIu64 "; ring %" PRIu64 " bytes x %d; "
-            "timeout %g s\n", o->input_path ? o->input_path : "random",
-            o->seed, o->ring_bytes, o->ranks * o->ranks, o->timeout_seconds);
+            "timeout %g s; %ld cores online\n",
+            o->input_path ? o->input_path : "random", o->seed, o->ring_bytes,
+            o->ranks * o->ranks, o->timeout_seconds, sysconf(_SC_NPROCESSORS_ONLN));
 
     print_routing(out, r);
     print_traffic(out, r);

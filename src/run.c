@@ -69,7 +69,8 @@ void moe_run_usage(FILE *out)
         "  -h, --help        show this text\n"
         "\n"
         "exit status: 0 bitwise equal, 1 golden mismatch, 2 invalid usage or\n"
-        "input, 3 runtime failure (a rank died or a wait timed out)\n",
+        "input, 3 runtime failure (a rank died or a wait timed out), 128 + the\n"
+        "signal number when SIGINT or SIGTERM stopped the run\n",
         MOE_MAX_RANKS);
 }
 
@@ -93,6 +94,16 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
         if (strncmp(flag, "--", 2) != 0)
             return moe_fail(-EINVAL, "unexpected argument '%s': options start "
                             "with --; see moe-ep run --help", flag);
+        static const char *const known[] = {
+            "--ranks", "--tokens", "--hidden", "--ffn", "--experts", "--top-k",
+            "--seed", "--input", "--output", "--timeout", "--ring-size",
+        };
+        int is_known = 0;
+        for (size_t k = 0; k < sizeof known / sizeof known[0]; k++)
+            is_known |= !strcmp(flag, known[k]);
+        if (!is_known)
+            return moe_fail(-EINVAL, "unknown option '%s'; see moe-ep run --help",
+                            flag);
         const char *text = option_value(argc, argv, &i);
         if (!text)
             return moe_fail(-EINVAL, "missing value for %s", flag);
@@ -183,18 +194,28 @@ static int load_tokens(struct moe_run_options *o, float **tokens)
     if (rc == -ENOMEM)
         return rc;
     if (rc) /* a missing or unreadable file is bad input too */
-        return moe_fail(-EINVAL, "invalid --input file: %s", moe_error_message());
-    if (rows < 1 || rows > MAX_TOKENS || cols < 1 || cols > MAX_HIDDEN ||
-        (o->tokens_given && rows != o->shape.tokens) ||
-        (o->hidden_given && cols != o->shape.hidden)) {
+        return moe_fail(-EINVAL, "invalid --input file '%s': %s", o->input_path,
+                        moe_error_message());
+    const char *conflict = NULL;
+    if (o->tokens_given && rows != o->shape.tokens)
+        conflict = "--tokens";
+    else if (o->hidden_given && cols != o->shape.hidden)
+        conflict = "--hidden";
+    if (conflict) {
+        free(*tokens);
+        *tokens = NULL;
+        return moe_fail(-EINVAL, "invalid --input file '%s': its shape is (%"
+                        PRId64 ", %" PRId64 "), but %s is %" PRId64, o->input_path,
+                        rows, cols, conflict,
+                        conflict[2] == 't' ? o->shape.tokens : o->shape.hidden);
+    }
+    if (rows < 1 || rows > MAX_TOKENS || cols < 1 || cols > MAX_HIDDEN) {
         free(*tokens);
         *tokens = NULL;
         return moe_fail(-EINVAL, "invalid --input file '%s': its shape is (%"
                         PRId64 ", %" PRId64 "), expected (T, H) with T from 1 "
-                        "to %lld and H from 1 to %lld%s", o->input_path, rows,
-                        cols, MAX_TOKENS, MAX_HIDDEN,
-                        o->tokens_given || o->hidden_given
-                            ? " matching --tokens and --hidden" : "");
+                        "to %lld and H from 1 to %lld", o->input_path, rows,
+                        cols, MAX_TOKENS, MAX_HIDDEN);
     }
     o->shape.tokens = rows;
     o->shape.hidden = cols;
@@ -241,27 +262,6 @@ static void corrupt_for_testing(float *output, int64_t count)
     }
 }
 
-/* Rejects an --output path whose directory cannot be written, before the
- * run rather than after it. */
-static int check_output_path(const char *path)
-{
-    if (!path)
-        return 0;
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash)
-        snprintf(dir, sizeof dir, ".");
-    else if (slash == dir)
-        dir[1] = '\0';
-    else
-        *slash = '\0';
-    if (access(dir, W_OK) != 0)
-        return moe_fail(-EINVAL, "invalid --output file '%s': directory '%s' "
-                        "is not writable: %s", path, dir, strerror(errno));
-    return 0;
-}
-
 int moe_run(const struct moe_run_options *options, struct moe_run_result *result)
 {
     *result = (struct moe_run_result){.options = *options};
@@ -271,7 +271,7 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
     struct moe_launch launch = {0};
     int rc;
 
-    if ((rc = check_output_path(o->output_path)))
+    if (o->output_path && (rc = moe_check_output_path("--output", o->output_path)))
         return rc;
     if ((rc = load_tokens(o, &tokens)))
         return rc;
@@ -331,8 +331,8 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
     }
     if (rc) {
         if (rc == -ECANCELED && launch.failed_rank >= 0)
-            moe_fail(rc, "the distributed forward failed because rank %d "
-                     "failed", launch.failed_rank);
+            moe_fail(rc, "the distributed forward failed; the first message "
+                     "above is the first rank that reported an error");
         else if (rc == -ECANCELED)
             moe_fail(rc, "the distributed forward was stopped");
         goto out;
