@@ -4,13 +4,16 @@
  *
  * Lifecycle, all in the calling (launcher) process:
  *   moe_launch_create()  shm_open(O_CREAT|O_EXCL, 0600) under an
- *                        unpredictable name, size, map and lay out the
- *                        segment. The caller then fills the app area.
+ *                        unpredictable name, size and map the segment, and
+ *                        unlink the name at once, keeping the descriptor.
+ *                        SIGINT and SIGTERM are held off meanwhile, so that
+ *                        no name is left in /dev/shm. Then lay out the
+ *                        segment; the caller fills the app area.
  *   moe_launch_run()     fork R ranks and wait for all of them. Each rank
- *                        maps the segment by name, validates the header,
- *                        attaches its rings and calls rank_main. The name is
- *                        unlinked as soon as every rank has attached.
- *   moe_launch_destroy() unmap, and unlink the name if it still exists.
+ *                        maps the segment from the inherited descriptor at
+ *                        an address of its own, validates the header,
+ *                        attaches its rings and calls rank_main.
+ *   moe_launch_destroy() unmap and close.
  *
  * Ranks inherit the launcher's private memory through fork (read-only by
  * convention: weights and input tokens); everything they exchange goes
@@ -21,6 +24,10 @@
  * after a 2-second grace period are killed with SIGKILL. SIGINT and SIGTERM
  * to the launcher do the same and are reported in the result. Ranks die
  * with the launcher (PR_SET_PDEATHSIG) if it is killed outright.
+ *
+ * Hung ranks: a rank that uses no CPU time for the timeout plus 2 seconds
+ * is stopped or stuck outside a wait (a waiting rank gives up after the
+ * timeout by itself), so the launcher treats it as failed.
  */
 #ifndef MOE_LAUNCH_H
 #define MOE_LAUNCH_H
@@ -53,12 +60,14 @@ struct moe_rank_outcome {
     int signal;      /* the signal that killed it, or 0 */
     int step;        /* enum moe_step the rank was in at the end */
     int killed_after_grace; /* still alive 2 s after the abort, so killed */
+    int hung;        /* used no CPU time for timeout + 2 s */
+    char hung_state; /* its /proc state letter then: 'T' stopped, 'S' ... */
 };
 
 struct moe_launch {
     struct moe_launch_config config;
     char name[64];                      /* shm name, "/moe-ep-PID-RANDOM" */
-    int name_linked;                    /* the name still exists */
+    int fd;                             /* the segment, for the ranks; or -1 */
     struct moe_segment_header *segment; /* launcher's mapping */
     struct moe_rank_outcome outcome[MOE_MAX_RANKS];
     int failed_rank;       /* first rank that failed, or -1 */
@@ -77,7 +86,7 @@ int moe_launch_create(struct moe_launch *launch,
  * launcher_signal); -errno when fork fails. */
 int moe_launch_run(struct moe_launch *launch);
 
-/* Unmaps the segment and unlinks its name if it still exists. */
+/* Unmaps the segment and closes its descriptor. */
 void moe_launch_destroy(struct moe_launch *launch);
 
 /* Formats what happened to `rank` ("killed by signal 9 (Killed) in

@@ -65,6 +65,11 @@ int moe_npy_write_f32(const char *path, const float *data, int64_t rows,
 int moe_npy_read_f32(const char *path, float **data, int64_t *rows,
                      int64_t *cols);
 
+/* Like moe_npy_read_f32(), but rejects with -EINVAL, before allocating, an
+ * array whose data exceeds max_bytes. */
+int moe_npy_read_f32_limited(const char *path, uint64_t max_bytes, float **data,
+                             int64_t *rows, int64_t *cols);
+
 /* Parses the magic, version, header length and header dict at the start of
  * buf[0..len) into *out. Reads no byte outside that range, so it can be run
  * on untrusted or truncated input. It checks the syntax and the three keys.

@@ -46,7 +46,8 @@ struct moe_compare {
     int64_t mismatches;   /* elements whose bits differ */
     int64_t first;        /* index of the first differing element, or -1 */
     float actual, expected; /* values at `first` */
-    double max_abs_diff;  /* over all elements, ignoring NaN pairs */
+    double max_abs_diff;  /* over all elements; NaN if a differing pair
+                             contains a NaN */
 };
 
 /* Compares `count` floats bit for bit (memcmp semantics per element). */

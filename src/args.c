@@ -7,10 +7,12 @@
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 int moe_parse_int64(const char *flag, const char *text, int64_t min,
@@ -66,17 +68,46 @@ int moe_parse_bytes(const char *flag, const char *text, uint64_t min,
 
 int moe_check_output_path(const char *flag, const char *path)
 {
+    if (path[0] == '\0')
+        return moe_fail(-EINVAL, "invalid %s value '': expected a file name", flag);
+
+    struct stat st;
+    if (stat(path, &st) == 0) {
+        if (S_ISDIR(st.st_mode))
+            return moe_fail(-EINVAL, "invalid %s file '%s': it is a directory",
+                            flag, path);
+        if (!S_ISREG(st.st_mode)) /* a device or FIFO is written in place */
+            return access(path, W_OK) == 0
+                       ? 0
+                       : moe_fail(-EINVAL, "invalid %s file '%s': not writable: "
+                                  "%s", flag, path, strerror(errno));
+    }
+
     char dir[4096];
     if (snprintf(dir, sizeof dir, "%s", path) >= (int)sizeof dir)
         return moe_fail(-EINVAL, "invalid %s file: the path is longer than %zu "
                         "bytes", flag, sizeof dir - 1);
     char *slash = strrchr(dir, '/');
+    const char *name = slash ? slash + 1 : dir;
+    if (strlen(name) > NAME_MAX)
+        return moe_fail(-EINVAL, "invalid %s file '%s': the file name is longer "
+                        "than %d bytes", flag, path, NAME_MAX);
+    if (name[0] == '\0')
+        return moe_fail(-EINVAL, "invalid %s file '%s': expected a file name, "
+                        "not a directory", flag, path);
     if (!slash)
         snprintf(dir, sizeof dir, ".");
     else if (slash == dir)
         dir[1] = '\0';
     else
         *slash = '\0';
+
+    if (stat(dir, &st) != 0)
+        return moe_fail(-EINVAL, "invalid %s file '%s': directory '%s' does not "
+                        "exist: %s", flag, path, dir, strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        return moe_fail(-EINVAL, "invalid %s file '%s': '%s' is not a directory",
+                        flag, path, dir);
     if (access(dir, W_OK) != 0)
         return moe_fail(-EINVAL, "invalid %s file '%s': directory '%s' is not "
                         "writable: %s", flag, path, dir, strerror(errno));
@@ -86,6 +117,11 @@ int moe_check_output_path(const char *flag, const char *path)
 int moe_parse_double(const char *flag, const char *text, double min,
                      double max, double *value)
 {
+    /* Plain decimal notation only: strtod would also take hex floats,
+     * "inf" and "nan". */
+    if (text[strspn(text, "0123456789.eE+-")] != '\0')
+        return moe_fail(-EINVAL, "invalid %s value '%s': expected a number "
+                        "from %g to %g", flag, text, min, max);
     char *end;
     errno = 0;
     double v = strtod(text, &end);

@@ -13,9 +13,11 @@
  * them. The bench checks no layer output; `moe-ep run` and the tests do.
  */
 #include "moe_bench_internal.h"
+#include "moe_file.h"
 #include "moe_args.h"
 #include "moe_error.h"
 #include "moe_launch.h"
+#include "moe_run.h"
 
 #include <cblas.h>
 #include <errno.h>
@@ -180,7 +182,12 @@ int moe_bench_parse(struct moe_bench_options *o, int argc, char **argv)
     if (o->top_k > o->experts)
         return moe_fail(-EINVAL, "invalid --top-k value %" PRId64 ": it exceeds "
                         "--experts %" PRId64, o->top_k, o->experts);
-    return 0;
+    /* A shape too large for this machine is bad input, found before the
+     * floors take their time. */
+    struct moe_shape shape = {.tokens = o->tokens, .hidden = o->hidden,
+                              .ffn = o->ffn, .experts = o->experts,
+                              .top_k = o->top_k};
+    return moe_run_check_memory(&shape);
 }
 
 /* ---- report ------------------------------------------------------------ */
@@ -344,33 +351,12 @@ static void print_targets(FILE *out, const struct moe_bench_options *o,
 
 /* ---- driver ------------------------------------------------------------ */
 
-/* Writes the report to path through a temporary file and a rename, so that
- * a failed write leaves the old file in place. */
+/* Writes the report to path; see moe_write_file for how a failure leaves
+ * the old file in place. */
 static int write_markdown(const char *path, const char *text, size_t bytes)
 {
-    char tmp[4096];
-    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
-        return moe_fail(-EINVAL, "invalid --markdown value '%s': the path is "
-                        "too long", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f)
-        return moe_fail(-errno, "writing the report to %s failed: %s", path,
-                        strerror(errno));
-    size_t written = fwrite(text, 1, bytes, f);
-    int failed = written != bytes || ferror(f);
-    if (fclose(f) != 0 || failed) {
-        int code = errno ? -errno : -EIO;
-        unlink(tmp);
-        return moe_fail(code, "writing the report to %s failed: %s", tmp,
-                        strerror(-code));
-    }
-    if (rename(tmp, path) != 0) {
-        int code = -errno;
-        unlink(tmp);
-        return moe_fail(code, "renaming %s to %s failed: %s", tmp, path,
-                        strerror(-code));
-    }
-    return 0;
+    struct moe_file_part part = {text, bytes};
+    return moe_write_file(path, &part, 1);
 }
 
 /* Runs every measurement in the order that keeps them apart: the floors,

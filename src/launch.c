@@ -25,13 +25,54 @@
 /* Time a rank gets to stop by itself after the abort flag is set. */
 static const int64_t ABORT_GRACE_NS = 2000LL * 1000 * 1000;
 
+/* Creates the shared-memory object, sizes and maps it, and unlinks its
+ * name, with SIGINT, SIGTERM and SIGHUP held off so that no signal can end
+ * the launcher while the name exists. Returns the mapping or NULL. */
+static void *create_segment(struct moe_launch *launch, uint64_t bytes)
+{
+    sigset_t held, original;
+    sigemptyset(&held);
+    sigaddset(&held, SIGINT);
+    sigaddset(&held, SIGTERM);
+    sigaddset(&held, SIGHUP);
+    sigprocmask(SIG_BLOCK, &held, &original);
+
+    void *base = NULL;
+    int fd = shm_open(launch->name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) {
+        moe_fail(-errno, "shm_open %s failed: %s", launch->name, strerror(errno));
+        goto out;
+    }
+    if (ftruncate(fd, (off_t)bytes) != 0) {
+        moe_fail(-errno, "sizing shared segment %s to %llu bytes failed: %s",
+                 launch->name, (unsigned long long)bytes, strerror(errno));
+    } else {
+        base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (base == MAP_FAILED) {
+            moe_fail(-errno, "mapping shared segment %s of %llu bytes failed: "
+                     "%s", launch->name, (unsigned long long)bytes,
+                     strerror(errno));
+            base = NULL;
+        }
+    }
+    /* The ranks inherit the descriptor, so the name is not needed. */
+    shm_unlink(launch->name);
+    if (base)
+        launch->fd = fd;
+    else
+        close(fd);
+
+out:
+    sigprocmask(SIG_SETMASK, &original, NULL);
+    return base;
+}
+
 int moe_launch_create(struct moe_launch *launch,
                       const struct moe_launch_config *config)
 {
-    *launch = (struct moe_launch){.config = *config, .failed_rank = -1};
+    *launch = (struct moe_launch){.config = *config, .failed_rank = -1, .fd = -1};
     if (config->timeout_ns <= 0)
         return moe_fail(-EINVAL, "invalid timeout: expected a positive time");
-
     if (launch->config.ring_capacity == 0 && config->ranks >= 1 &&
         config->ranks <= MOE_MAX_RANKS)
         launch->config.ring_capacity = moe_ring_default_capacity(config->ranks);
@@ -48,32 +89,9 @@ int moe_launch_create(struct moe_launch *launch,
     snprintf(launch->name, sizeof launch->name, "/moe-ep-%ld-%016llx",
              (long)getpid(), (unsigned long long)nonce);
 
-    int fd = shm_open(launch->name, O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd < 0)
-        return moe_fail(-errno, "shm_open %s failed: %s", launch->name,
-                        strerror(errno));
-    launch->name_linked = 1;
-
-    if (ftruncate(fd, (off_t)layout.segment_bytes) != 0) {
-        rc = moe_fail(-errno, "sizing shared segment %s to %llu bytes failed: "
-                      "%s", launch->name,
-                      (unsigned long long)layout.segment_bytes, strerror(errno));
-        close(fd);
-        moe_launch_destroy(launch);
-        return rc;
-    }
-    void *base = mmap(NULL, layout.segment_bytes, PROT_READ | PROT_WRITE,
-                      MAP_SHARED, fd, 0);
-    close(fd);
-    if (base == MAP_FAILED) {
-        rc = moe_fail(-errno, "mapping shared segment %s of %llu bytes failed: "
-                      "%s", launch->name,
-                      (unsigned long long)layout.segment_bytes, strerror(errno));
-        moe_launch_destroy(launch);
-        return rc;
-    }
-
-    struct moe_segment_header *h = base;
+    struct moe_segment_header *h = create_segment(launch, layout.segment_bytes);
+    if (!h)
+        return -errno ? -errno : -EIO;
     *h = layout;
     h->launcher_pid = getpid();
     h->timeout_ns = config->timeout_ns;
@@ -95,32 +113,27 @@ void moe_launch_destroy(struct moe_launch *launch)
         munmap(launch->segment, launch->segment->segment_bytes);
         launch->segment = NULL;
     }
-    if (launch->name_linked) {
-        shm_unlink(launch->name);
-        launch->name_linked = 0;
+    if (launch->fd >= 0) {
+        close(launch->fd);
+        launch->fd = -1;
     }
 }
 
-/* Maps the segment by name and validates it, as a rank started by some other
- * means would. Returns the mapping or NULL with a message. */
-static struct moe_segment_header *attach_by_name(const char *name, int ranks)
+/* Maps the segment from the descriptor inherited from the launcher, at an
+ * address of this process's choosing, and validates the header as any
+ * process attaching to it must. Returns the mapping or NULL with a
+ * message. */
+static struct moe_segment_header *attach_segment(int fd, int ranks)
 {
-    int fd = shm_open(name, O_RDWR, 0);
-    if (fd < 0) {
-        moe_fail(-errno, "shm_open %s failed: %s", name, strerror(errno));
-        return NULL;
-    }
     struct stat st;
     if (fstat(fd, &st) != 0) {
-        moe_fail(-errno, "fstat of %s failed: %s", name, strerror(errno));
-        close(fd);
+        moe_fail(-errno, "fstat of the shared segment failed: %s", strerror(errno));
         return NULL;
     }
     void *base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE,
                       MAP_SHARED, fd, 0);
-    close(fd);
     if (base == MAP_FAILED) {
-        moe_fail(-errno, "mapping %s failed: %s", name, strerror(errno));
+        moe_fail(-errno, "mapping the shared segment failed: %s", strerror(errno));
         return NULL;
     }
     if (moe_segment_validate(base, (uint64_t)st.st_size, ranks) != 0) {
@@ -134,7 +147,9 @@ static struct moe_segment_header *attach_by_name(const char *name, int ranks)
 static void run_rank(struct moe_launch *launch, int rank, pid_t launcher,
                      const sigset_t *original_mask)
 {
-    signal(SIGINT, SIG_DFL);
+    /* Ctrl-C reaches the whole process group; the launcher alone decides
+     * how the run stops, and tells the ranks through the abort flag. */
+    signal(SIGINT, SIG_IGN);
     signal(SIGTERM, SIG_DFL);
     sigprocmask(SIG_SETMASK, original_mask, NULL);
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -142,8 +157,8 @@ static void run_rank(struct moe_launch *launch, int rank, pid_t launcher,
         _exit(MOE_RANK_EXIT_ABORTED); /* the launcher died before prctl */
 
     struct moe_segment_header *inherited = launch->segment;
-    struct moe_segment_header *h = attach_by_name(launch->name,
-                                                  launch->config.ranks);
+    struct moe_segment_header *h = attach_segment(launch->fd, launch->config.ranks);
+    close(launch->fd);
     if (!h) {
         /* No slot to write to: report through the inherited mapping. */
         struct moe_rank_slot *slot = moe_segment_slot(inherited, rank);
@@ -179,8 +194,59 @@ static void run_rank(struct moe_launch *launch, int rank, pid_t launcher,
     _exit(MOE_RANK_EXIT_FAILED);
 }
 
+/* Reads a process's CPU time (user plus system, in clock ticks) and its
+ * state letter from /proc/PID/stat. Returns 0, or -1 if it cannot. */
+static int read_cpu_time(pid_t pid, unsigned long long *ticks, char *state)
+{
+    char path[64], text[1024];
+    snprintf(path, sizeof path, "/proc/%ld/stat", (long)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = '\0';
+    /* The command name, in brackets, may contain spaces; fields after it
+     * are: state ppid pgrp session tty tpgid flags minflt cminflt majflt
+     * cmajflt utime stime. */
+    const char *after = strrchr(text, ')');
+    unsigned long long utime, stime;
+    if (!after || sscanf(after + 1, " %c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u "
+                         "%llu %llu", state, &utime, &stime) != 3)
+        return -1;
+    *ticks = utime + stime;
+    return 0;
+}
+
+/* Watches the ranks' CPU time and marks as hung a rank that has used none
+ * for the timeout plus the grace period. Returns the hung rank or -1. */
+static int find_hung_rank(struct moe_launch *launch, const int *alive,
+                          unsigned long long *last_ticks, int64_t *last_change,
+                          int64_t now)
+{
+    int64_t limit = launch->config.timeout_ns + ABORT_GRACE_NS;
+    for (int r = 0; r < launch->config.ranks; r++) {
+        struct moe_rank_outcome *o = &launch->outcome[r];
+        unsigned long long ticks;
+        char state;
+        if (!alive[r] || o->hung || read_cpu_time(o->pid, &ticks, &state) != 0)
+            continue;
+        if (ticks != last_ticks[r] || last_change[r] == 0) {
+            last_ticks[r] = ticks;
+            last_change[r] = now;
+        } else if (now - last_change[r] > limit) {
+            o->hung = 1;
+            o->hung_state = state;
+            return r;
+        }
+    }
+    return -1;
+}
+
 static int rank_failed(const struct moe_rank_outcome *o)
 {
+    if (o->hung)
+        return 1;
     if (o->killed_after_grace)
         return 0; /* a consequence of the abort, not its cause */
     return o->signal != 0 || (o->exit_status != 0 &&
@@ -193,6 +259,8 @@ int moe_launch_run(struct moe_launch *launch)
     int R = launch->config.ranks;
     pid_t launcher = getpid();
     int alive[MOE_MAX_RANKS] = {0};
+    unsigned long long last_ticks[MOE_MAX_RANKS] = {0};
+    int64_t last_change[MOE_MAX_RANKS] = {0}, last_watch = 0;
     int live = 0, rc = 0;
 
     sigset_t watched, original;
@@ -218,6 +286,9 @@ int moe_launch_run(struct moe_launch *launch)
         alive[r] = 1;
         live++;
     }
+    /* Every rank has mapped the segment or will from its own copy. */
+    close(launch->fd);
+    launch->fd = -1;
 
     while (live > 0) {
         for (int r = 0; r < R; r++) {
@@ -240,15 +311,22 @@ int moe_launch_run(struct moe_launch *launch)
             }
         }
 
-        /* Every rank has its own mapping now; the name is no longer needed,
-         * and without it nothing can leak even if the launcher is killed. */
-        if (launch->name_linked &&
-            atomic_load_explicit(&h->attached, memory_order_acquire) == (uint32_t)R) {
-            shm_unlink(launch->name);
-            launch->name_linked = 0;
-        }
         if (live == 0)
             break;
+
+        int64_t now = moe_now_ns();
+        if (now - last_watch > 250 * 1000 * 1000) {
+            last_watch = now;
+            int hung = find_hung_rank(launch, alive, last_ticks, last_change, now);
+            if (hung >= 0) {
+                kill(launch->outcome[hung].pid, SIGKILL);
+                if (launch->failed_rank < 0) {
+                    launch->failed_rank = hung;
+                    moe_segment_abort(h);
+                    grace_deadline = now + ABORT_GRACE_NS;
+                }
+            }
+        }
 
         if (grace_deadline && moe_now_ns() > grace_deadline)
             for (int r = 0; r < R; r++)
@@ -292,7 +370,14 @@ void moe_launch_describe(const struct moe_launch *launch, int rank, char *buf,
     const struct moe_rank_outcome *o = &launch->outcome[rank];
     const char *step = moe_step_name(o->step);
     const char *message = moe_segment_slot(launch->segment, rank)->error;
-    if (o->killed_after_grace)
+    if (o->hung)
+        snprintf(buf, size, "rank %d (pid %ld) used no CPU time for %.3g s in "
+                 "%s (process state %c%s), so the launcher killed it", rank,
+                 (long)o->pid,
+                 (double)(launch->config.timeout_ns + ABORT_GRACE_NS) / 1e9,
+                 step, o->hung_state,
+                 o->hung_state == 'T' || o->hung_state == 't' ? ", stopped" : "");
+    else if (o->killed_after_grace)
         snprintf(buf, size, "rank %d (pid %ld) was still in %s 2 s after the "
                  "run was aborted, so the launcher killed it", rank,
                  (long)o->pid, step);

@@ -59,11 +59,12 @@ static int command_run(int argc, char **argv)
         for (int i = 0; i < result.failures; i++)
             fprintf(stderr, "moe-ep run: %s\n", result.failure[i]);
         if (result.launcher_signal) {
+            int sig = result.launcher_signal;
             fprintf(stderr, "moe-ep run: stopped by signal %d (%s); all ranks "
-                    "were stopped and the shared segment removed\n",
-                    result.launcher_signal, strsignal(result.launcher_signal));
+                    "were stopped and the shared segment removed\n", sig,
+                    strsignal(sig));
             moe_run_result_free(&result);
-            return 128 + result.launcher_signal;
+            return 128 + sig;
         }
         fprintf(stderr, "moe-ep run: %s\n", moe_error_message());
         moe_run_result_free(&result);
@@ -97,6 +98,17 @@ static int command_bench(int argc, char **argv)
     return 0;
 }
 
+/* Makes a report that could not be written a runtime failure, so that a
+ * full disk or a closed pipe is never reported as success. */
+static int check_stdout(int status)
+{
+    if (fflush(stdout) == 0 && !ferror(stdout))
+        return status;
+    fprintf(stderr, "moe-ep: writing to standard output failed: %s\n",
+            strerror(errno));
+    return status == EXIT_USAGE ? status : EXIT_RUNTIME;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -105,13 +117,13 @@ int main(int argc, char **argv)
     }
     const char *command = argv[1];
     if (!strcmp(command, "run"))
-        return command_run(argc - 2, argv + 2);
+        return check_stdout(command_run(argc - 2, argv + 2));
     if (!strcmp(command, "bench"))
-        return command_bench(argc - 2, argv + 2);
+        return check_stdout(command_bench(argc - 2, argv + 2));
     if (!strcmp(command, "help") || !strcmp(command, "-h") ||
         !strcmp(command, "--help")) {
         usage(stdout);
-        return 0;
+        return check_stdout(0);
     }
     fprintf(stderr, "moe-ep: unknown command '%s'; expected run, bench or help\n",
             command);

@@ -14,12 +14,12 @@
  * writer always writes format 1.0, which fits any 2-D float32 header.
  */
 #include "moe_npy.h"
+#include "moe_file.h"
 #include "moe_error.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -434,20 +434,6 @@ static int read_full(int fd, void *buf, size_t count, size_t *got)
     return 0;
 }
 
-static int write_full(int fd, const void *buf, size_t count)
-{
-    size_t done = 0;
-    while (done < count) {
-        ssize_t n = write(fd, (const uint8_t *)buf + done, count - done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -errno;
-        done += (size_t)n;
-    }
-    return 0;
-}
-
 /* Formats the shape as Python prints a tuple: (), (6,), (2, 3). */
 static void format_shape(const struct moe_npy_header *h, char *buf,
                          size_t size)
@@ -587,6 +573,12 @@ static int read_data(int fd, const char *path, const struct stat *st,
 int moe_npy_read_f32(const char *path, float **data, int64_t *rows,
                      int64_t *cols)
 {
+    return moe_npy_read_f32_limited(path, UINT64_MAX, data, rows, cols);
+}
+
+int moe_npy_read_f32_limited(const char *path, uint64_t max_bytes, float **data,
+                             int64_t *rows, int64_t *cols)
+{
     *data = NULL;
     *rows = 0;
     *cols = 0;
@@ -614,6 +606,11 @@ int moe_npy_read_f32(const char *path, float **data, int64_t *rows,
     rc = check_f32_matrix(&h, path, &data_bytes);
     if (rc < 0)
         goto out;
+    if (data_bytes > max_bytes) {
+        rc = moe_fail(-EINVAL, "%s: the array's %" PRIu64 " bytes exceed the "
+                      "limit of %" PRIu64 " bytes", path, data_bytes, max_bytes);
+        goto out;
+    }
 
     /* For a regular file, compare sizes before allocating, so that a header
      * claiming a huge shape costs nothing. */
@@ -689,36 +686,6 @@ static size_t format_header(char *buf, size_t size, int64_t rows,
     return total;
 }
 
-/* Creates a new file next to `path` with a name no other writer uses and
- * stores its name in *tmp_path (caller frees). Returns the descriptor or
- * -errno. */
-static int create_temp(const char *path, char **tmp_path)
-{
-    static atomic_uint counter;
-    size_t size = strlen(path) + 64;
-    char *name = malloc(size);
-    if (name == NULL)
-        return -ENOMEM;
-
-    for (int attempt = 0; attempt < 100; attempt++) {
-        unsigned id = atomic_fetch_add_explicit(&counter, 1,
-                                                memory_order_relaxed);
-        snprintf(name, size, "%s.tmp.%ld.%u", path, (long)getpid(), id);
-        int fd = open(name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd >= 0) {
-            *tmp_path = name;
-            return fd;
-        }
-        if (errno != EEXIST) {
-            int err = errno;
-            free(name);
-            return -err;
-        }
-    }
-    free(name);
-    return -EEXIST;
-}
-
 int moe_npy_write_f32(const char *path, const float *data, int64_t rows,
                       int64_t cols)
 {
@@ -747,35 +714,9 @@ int moe_npy_write_f32(const char *path, const float *data, int64_t rows,
         return moe_fail(-EINVAL, "%s: .npy header does not fit in %zu bytes",
                         path, sizeof header);
 
-    char *tmp_path = NULL;
-    int fd = create_temp(path, &tmp_path);
-    if (fd < 0)
-        return moe_fail(fd, "%s: creating a temporary file beside it failed: "
-                        "%s", path, strerror(-fd));
-
-    const char *step = "write";
-    int rc = write_full(fd, header, header_bytes);
-    if (rc == 0)
-        rc = write_full(fd, data, (size_t)data_bytes);
-    if (rc == 0) {
-        step = "fsync";
-        rc = fsync(fd) < 0 ? -errno : 0;
-    }
-    /* close() can report a deferred write error, for example on NFS. */
-    if (close(fd) < 0 && rc == 0) {
-        step = "close";
-        rc = -errno;
-    }
-    if (rc == 0) {
-        step = "rename";
-        rc = rename(tmp_path, path) < 0 ? -errno : 0;
-    }
-
-    if (rc < 0) {
-        moe_fail(rc, "%s: %s of temporary file %s failed: %s", path, step,
-                 tmp_path, strerror(-rc));
-        unlink(tmp_path);
-    }
-    free(tmp_path);
-    return rc;
+    struct moe_file_part parts[2] = {
+        {header, header_bytes},
+        {data, (size_t)data_bytes},
+    };
+    return moe_write_file(path, parts, 2);
 }

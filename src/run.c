@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -165,7 +166,9 @@ int moe_run_check_memory(const struct moe_shape *s)
                     /* tokens, output, golden output */
                     3.0 * (double)s->tokens * (double)s->hidden +
                     /* golden and rank buffers, about (T*K, H) each */
-                    6.0 * (double)s->tokens * (double)s->top_k * (double)s->hidden;
+                    6.0 * (double)s->tokens * (double)s->top_k * (double)s->hidden +
+                    /* expert scratch, 2 x rows x F, at most T*K rows in all */
+                    2.0 * (double)s->tokens * (double)s->top_k * (double)s->ffn;
     double need = floats * sizeof(float);
     double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (have > 0 && need > 0.8 * have)
@@ -190,7 +193,12 @@ static int load_tokens(struct moe_run_options *o, float **tokens)
     }
 
     int64_t rows, cols;
-    int rc = moe_npy_read_f32(o->input_path, tokens, &rows, &cols);
+    /* Every token row needs at least 9 rows of that size in the run (input,
+     * output, golden output and the (T*K, H) buffers), so a file larger than
+     * this share of memory cannot run; reject it before reading it. */
+    double memory = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    uint64_t limit = memory > 0 ? (uint64_t)(0.8 * memory / 9) : UINT64_MAX;
+    int rc = moe_npy_read_f32_limited(o->input_path, limit, tokens, &rows, &cols);
     if (rc == -ENOMEM)
         return rc;
     if (rc) /* a missing or unreadable file is bad input too */
@@ -238,8 +246,11 @@ void moe_compare_bits(const float *actual, const float *expected, int64_t count,
             r->actual = actual[i];
             r->expected = expected[i];
         }
+        /* A pair with a NaN has no finite difference: report NaN. */
         double d = fabs((double)actual[i] - (double)expected[i]);
-        if (d > r->max_abs_diff)
+        if (isnan(d) || isnan(r->max_abs_diff))
+            r->max_abs_diff = NAN;
+        else if (d > r->max_abs_diff)
             r->max_abs_diff = d;
     }
 }
@@ -262,20 +273,63 @@ static void corrupt_for_testing(float *output, int64_t count)
     }
 }
 
+/* Returns SIGINT or SIGTERM if one is pending (they are blocked during a
+ * run), consuming it, or 0. */
+static int pending_stop_signal(void)
+{
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGTERM);
+    struct timespec zero = {0, 0};
+    int sig = sigtimedwait(&stop, NULL, &zero);
+    return sig > 0 ? sig : 0;
+}
+
+static int run_blocked(struct moe_run_result *result);
+
 int moe_run(const struct moe_run_options *options, struct moe_run_result *result)
 {
+    /* SIGINT and SIGTERM stay blocked for the whole run. The launcher
+     * collects them during the forward; between the later steps they are
+     * checked, so that the run stops cleanly and never leaves a partial
+     * output file. */
+    sigset_t stop, original;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGTERM);
+    sigprocmask(SIG_BLOCK, &stop, &original);
+
     *result = (struct moe_run_result){.options = *options};
+    int rc = run_blocked(result);
+
+    int sig = pending_stop_signal();
+    if (sig && !result->launcher_signal)
+        result->launcher_signal = sig;
+    if (result->launcher_signal && rc == 0)
+        rc = moe_fail(-ECANCELED, "the run was stopped by signal %d",
+                      result->launcher_signal);
+    sigprocmask(SIG_SETMASK, &original, NULL);
+    return rc;
+}
+
+static int run_blocked(struct moe_run_result *result)
+{
     struct moe_run_options *o = &result->options;
     struct moe_weights weights = {0};
     float *tokens = NULL;
-    struct moe_launch launch = {0};
+    struct moe_launch launch = {.fd = -1};
     int rc;
 
     if (o->output_path && (rc = moe_check_output_path("--output", o->output_path)))
         return rc;
+    /* Check the memory first when the shape is known, so that a layer too
+     * large for this machine is rejected before anything is allocated. */
+    const struct moe_shape *s = &o->shape;
+    if (!o->input_path && (rc = moe_run_check_memory(s)))
+        return rc;
     if ((rc = load_tokens(o, &tokens)))
         return rc;
-    const struct moe_shape *s = &o->shape;
     if ((rc = moe_run_check_memory(s)))
         goto out;
     if ((rc = moe_weights_init_random(&weights, s, o->seed)))
@@ -344,12 +398,20 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
     corrupt_for_testing(result->output, values);
 
     /* Golden path and check. */
+    if ((result->launcher_signal = pending_stop_signal())) {
+        rc = -ECANCELED;
+        goto out;
+    }
     int64_t start = moe_now_ns();
     if ((rc = moe_golden_forward(&weights, tokens, result->golden, NULL)))
         goto out;
     result->golden_ns = moe_now_ns() - start;
     moe_compare_bits(result->output, result->golden, values, &result->check);
 
+    if ((result->launcher_signal = pending_stop_signal())) {
+        rc = -ECANCELED;
+        goto out;
+    }
     if (o->output_path)
         rc = moe_npy_write_f32(o->output_path, result->output, s->tokens, s->hidden);
 

@@ -16,6 +16,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -204,6 +205,11 @@ Test(cli, invalid_flags_exit_2, .timeout = 60)
         {"--bogus", "1", "unknown option '--bogus'"},
         {"--input", "/nonexistent/tokens.npy", "/nonexistent/tokens.npy"},
         {"--output", "/nonexistent/out.npy", "invalid --output file '/nonexistent/out.npy'"},
+        {"--output", "", "invalid --output value ''"},
+        {"--output", "/tmp", "invalid --output file '/tmp': it is a directory"},
+        {"--output", "/dev/null/x.npy", "'/dev/null' is not a directory"},
+        {"--timeout", "0x1p-3", "invalid --timeout value '0x1p-3'"},
+        {"--tokens", "16777216", "needs about"},
         {"--hidden", "65536", "needs about"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -295,6 +301,44 @@ Test(cli, killed_rank_exits_3, .timeout = 60)
         cr_assert_lt(o.seconds, 10.0, "%s took %.1f s", faults[i], o.seconds);
     }
     cr_assert_eq(segment_count(), 0);
+}
+
+Test(cli, lone_stalled_rank_is_killed, .timeout = 60)
+{
+    /* With one rank no peer waits, so the launcher's CPU-time watchdog must
+     * find the stall: timeout 0.5 s plus 2 s. */
+    struct outcome o;
+    run_program(&o, "MOE_EP_FAULT=0:compute:stall", 0, 0,
+                (const char *[]){"run", SMALL, "--ranks", "1", "--timeout", "0.5", NULL});
+    cr_assert_eq(o.status, 3, "stderr: %s", o.err);
+    cr_assert_not_null(strstr(o.err, "used no CPU time for 2.5 s in compute"),
+                       "stderr: %s", o.err);
+    cr_assert_lt(o.seconds, 15.0);
+    cr_assert_eq(segment_count(), 0);
+}
+
+Test(cli, full_stdout_is_a_failure, .timeout = 60)
+{
+    /* A report that cannot be written must not end in success. */
+    char program[PATH_MAX + 16];
+    program_path(program, sizeof program);
+    char command[PATH_MAX + 128];
+    snprintf(command, sizeof command, "%s run --tokens 8 --hidden 8 --ffn 8 "
+             ">/dev/full 2>/dev/null", program);
+    int status = system(command);
+    cr_assert(WIFEXITED(status));
+    cr_assert_eq(WEXITSTATUS(status), 3);
+}
+
+Test(cli, device_output_written_in_place, .timeout = 60)
+{
+    struct outcome o;
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", SMALL, "--output", "/dev/null", NULL});
+    cr_assert_eq(o.status, 0, "stderr: %s", o.err);
+    struct stat st;
+    cr_assert_eq(stat("/dev/null", &st), 0);
+    cr_assert(S_ISCHR(st.st_mode), "/dev/null was replaced");
 }
 
 Test(cli, sigterm_cleans_up, .timeout = 60)

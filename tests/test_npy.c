@@ -16,7 +16,9 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -736,33 +738,92 @@ Test(npy, write_to_missing_directory_fails)
     expect_message_contains("No such file or directory");
 }
 
-Test(npy, failed_rename_leaves_no_file)
+/* Counts the entries of test_dir other than `keep`, which are leftovers. */
+static int leftover_files(const char *keep)
 {
-    /* Renaming a file over a directory fails after the data is written,
-     * which is the last point where a half-written file could be left. */
+    DIR *dir = opendir(test_dir);
+    cr_assert_not_null(dir);
+    int leftovers = 0;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+        if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0 ||
+            (keep && strcmp(entry->d_name, keep) == 0))
+            continue;
+        leftovers++;
+    }
+    closedir(dir);
+    return leftovers;
+}
+
+Test(npy, directory_target_rejected)
+{
     char target[512];
     snprintf(target, sizeof target, "%s", test_path("a_directory"));
     cr_assert_eq(mkdir(target, 0755), 0, "mkdir failed: %s", strerror(errno));
 
     float data[4] = {1, 2, 3, 4};
     int rc = moe_npy_write_f32(target, data, 2, 2);
-    cr_assert_eq(rc, -EISDIR, "rc %d: %s", rc, moe_error_message());
+    cr_assert_eq(rc, -EINVAL, "rc %d: %s", rc, moe_error_message());
     expect_message_contains(target);
-    expect_message_contains("rename");
+    expect_message_contains("is a directory");
+    cr_assert_eq(leftover_files("a_directory"), 0);
+}
 
-    DIR *dir = opendir(test_dir);
-    cr_assert_not_null(dir);
-    int entries = 0;
-    struct dirent *entry;
-    while ((entry = readdir(dir)) != NULL) {
-        if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0)
-            continue;
-        cr_assert_str_eq(entry->d_name, "a_directory",
-                         "leftover file %s", entry->d_name);
-        entries++;
-    }
-    closedir(dir);
-    cr_assert_eq(entries, 1);
+Test(npy, failed_write_leaves_no_file)
+{
+    /* A file size limit makes the write fail after the temporary file was
+     * created: the last point where a partial file could be left. */
+    signal(SIGXFSZ, SIG_IGN);
+    struct rlimit limit = {.rlim_cur = 100, .rlim_max = RLIM_INFINITY};
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &limit), 0);
+
+    static float data[64 * 64];
+    const char *path = test_path("too_big.npy");
+    int rc = moe_npy_write_f32(path, data, 64, 64);
+    cr_assert_eq(rc, -EFBIG, "rc %d: %s", rc, moe_error_message());
+    expect_message_contains("too_big.npy");
+    expect_message_contains("write failed");
+    cr_assert_eq(leftover_files(NULL), 0, "a temporary file was left behind");
+}
+
+Test(npy, device_target_written_in_place)
+{
+    /* /dev/null stays a device: the data is written to it, not renamed over
+     * it. */
+    float data[4] = {1, 2, 3, 4};
+    cr_assert_eq(moe_npy_write_f32("/dev/null", data, 2, 2), 0, "%s",
+                 moe_error_message());
+    struct stat st;
+    cr_assert_eq(stat("/dev/null", &st), 0);
+    cr_assert(S_ISCHR(st.st_mode), "/dev/null is no longer a device");
+
+    int rc = moe_npy_write_f32("/dev/full", data, 2, 2);
+    cr_assert_eq(rc, -ENOSPC, "rc %d: %s", rc, moe_error_message());
+    expect_message_contains("/dev/full");
+}
+
+Test(npy, symlink_target_written_through)
+{
+    char target[512], link_path[512];
+    snprintf(target, sizeof target, "%s", test_path("real.npy"));
+    snprintf(link_path, sizeof link_path, "%s", test_path("link.npy"));
+    cr_assert_eq(symlink("real.npy", link_path), 0);
+
+    float data[4] = {1, 2, 3, 4};
+    cr_assert_eq(moe_npy_write_f32(link_path, data, 2, 2), 0, "%s",
+                 moe_error_message());
+    struct stat st;
+    cr_assert_eq(lstat(link_path, &st), 0);
+    cr_assert(S_ISLNK(st.st_mode), "the link was replaced by a file");
+
+    float *read = NULL;
+    int64_t rows, cols;
+    cr_assert_eq(moe_npy_read_f32(target, &read, &rows, &cols), 0, "%s",
+                 moe_error_message());
+    cr_assert_eq(rows, 2);
+    cr_assert_eq(cols, 2);
+    cr_assert(memcmp(read, data, sizeof data) == 0);
+    free(read);
 }
 
 Test(npy, write_replaces_existing_file)

@@ -1,0 +1,134 @@
+/*
+ * file.c - moe_write_file(): replace a file's contents without leaving a
+ * partial file behind.
+ *
+ * Used by the launcher process for --output and --markdown. The temporary
+ * file is created with mkstemp (O_EXCL), so an existing file or symbolic
+ * link of the same name is never opened by mistake.
+ */
+#include "moe_file.h"
+#include "moe_error.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static int write_all(int fd, const struct moe_file_part *parts, int count)
+{
+    for (int i = 0; i < count; i++) {
+        const char *p = parts[i].data;
+        size_t left = parts[i].bytes;
+        while (left > 0) {
+            ssize_t n = write(fd, p, left);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0)
+                return -errno;
+            p += n;
+            left -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+/* Writes straight into an existing device or FIFO. */
+static int write_direct(const char *path, const struct moe_file_part *parts,
+                        int count)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return moe_fail(-errno, "%s: open failed: %s", path, strerror(errno));
+    int rc = write_all(fd, parts, count);
+    if (close(fd) < 0 && rc == 0)
+        rc = -errno;
+    if (rc)
+        return moe_fail(rc, "%s: write failed: %s", path, strerror(-rc));
+    return 0;
+}
+
+/* Writes a temporary file beside `target` and renames it over `target`. */
+static int write_replace(const char *target, const char *shown,
+                         const struct moe_file_part *parts, int count)
+{
+    char temp[PATH_MAX + 32];
+    const char *slash = strrchr(target, '/');
+    int dir_len = slash ? (int)(slash - target) : 0;
+    snprintf(temp, sizeof temp, "%.*s%s.moe-ep-XXXXXX", dir_len, target,
+             slash ? "/" : "");
+
+    int fd = mkstemp(temp);
+    if (fd < 0)
+        return moe_fail(-errno, "%s: creating a temporary file beside it "
+                        "failed: %s", shown, strerror(errno));
+    /* mkstemp creates mode 0600; give the file the usual mode instead. */
+    mode_t mask = umask(0);
+    umask(mask);
+    const char *step = "write";
+    int rc = fchmod(fd, 0666 & ~mask) < 0 ? -errno : 0;
+    if (rc == 0)
+        rc = write_all(fd, parts, count);
+    if (rc == 0) {
+        step = "fsync";
+        rc = fsync(fd) < 0 ? -errno : 0;
+    }
+    if (close(fd) < 0 && rc == 0) {
+        step = "close"; /* close can report a deferred write error */
+        rc = -errno;
+    }
+    if (rc == 0) {
+        step = "rename";
+        rc = rename(temp, target) < 0 ? -errno : 0;
+    }
+    if (rc) {
+        unlink(temp);
+        return moe_fail(rc, "%s: %s failed: %s", shown, step, strerror(-rc));
+    }
+    return 0;
+}
+
+int moe_write_file(const char *path, const struct moe_file_part *parts,
+                   int count)
+{
+    if (path[0] == '\0')
+        return moe_fail(-EINVAL, "invalid file name '': expected a path");
+
+    struct stat st;
+    if (stat(path, &st) == 0) {
+        if (S_ISDIR(st.st_mode))
+            return moe_fail(-EINVAL, "%s: is a directory", path);
+        if (!S_ISREG(st.st_mode))
+            return write_direct(path, parts, count);
+    }
+
+    struct stat link;
+    if (lstat(path, &link) == 0 && S_ISLNK(link.st_mode)) {
+        char target[PATH_MAX];
+        if (realpath(path, target) == NULL) {
+            /* A link to a file that does not exist yet: create the file it
+             * names, relative to the link's directory. */
+            char linked[PATH_MAX];
+            ssize_t n = readlink(path, linked, sizeof linked - 1);
+            if (n < 0)
+                return moe_fail(-errno, "%s: reading the symbolic link failed: "
+                                "%s", path, strerror(errno));
+            linked[n] = '\0';
+            const char *slash = strrchr(path, '/');
+            int written;
+            if (linked[0] == '/' || !slash)
+                written = snprintf(target, sizeof target, "%s", linked);
+            else
+                written = snprintf(target, sizeof target, "%.*s/%s",
+                                   (int)(slash - path), path, linked);
+            if (written < 0 || written >= (int)sizeof target)
+                return moe_fail(-ENAMETOOLONG, "%s: the target of the symbolic "
+                                "link is too long", path);
+        }
+        return write_replace(target, path, parts, count);
+    }
+    return write_replace(path, path, parts, count);
+}
