@@ -53,7 +53,7 @@ struct moe_launch_config {
     void *arg;
 };
 
-/* What happened to one rank. */
+/* Outcome of one rank process. */
 struct moe_rank_outcome {
     pid_t pid;
     int exit_status; /* valid when signal == 0 */

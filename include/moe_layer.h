@@ -147,7 +147,7 @@ void moe_combine(int64_t tokens, int64_t hidden, int64_t top_k,
 
 /* ---- whole layer ------------------------------------------------------ */
 
-/* What the golden path reports besides the output. Arrays are allocated by
+/* Results of the golden path besides the output. Arrays are allocated by
  * the callee and released with moe_golden_info_free(). */
 struct moe_golden_info {
     int64_t *tokens_per_expert; /* (E) */
@@ -166,8 +166,8 @@ void moe_golden_info_free(struct moe_golden_info *info);
 /* An independent plain-loop reference of the whole layer in double
  * precision, used to test the golden path. out is (T, H) doubles, ids
  * (T, K). topk_gap (T) receives, per token, the probability gap between the
- * K-th and the (K+1)-th expert, which tells how close the selection came to
- * a tie (1.0 when K == E). Returns 0, -EINVAL for an invalid shape, or
+ * K-th and the (K+1)-th expert, which measures how close the selection came
+ * to a tie (1.0 when K == E). Returns 0, -EINVAL for an invalid shape, or
  * -ENOMEM. */
 int moe_reference_forward(const struct moe_weights *weights, const float *x,
                           double *out, int32_t *ids, double *topk_gap);

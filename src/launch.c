@@ -1,10 +1,11 @@
 /*
  * launch.c - create the segment, fork the ranks, supervise them, clean up.
  *
- * The launcher process owns the segment's name and mapping; each rank owns
- * its own mapping (made by name, to check the header as an unrelated process
- * would) and its slot. The launcher never exits the program: it returns
- * what happened, and main decides what to print and which status to use.
+ * The launcher process owns the segment's descriptor and its mapping. Each
+ * rank owns its own mapping, made from the inherited descriptor and checked
+ * as an unrelated process would check it, and its slot. The launcher never
+ * exits the program. It returns the outcome, and main decides what to print
+ * and which status to use.
  */
 #include "moe_launch.h"
 #include "moe_error.h"
