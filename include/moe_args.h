@@ -23,6 +23,14 @@ int moe_parse_bytes(const char *flag, const char *text, uint64_t min,
 int moe_parse_double(const char *flag, const char *text, double min,
                      double max, double *value);
 
+/* Takes the option at argv[*i] and its value from the next argument,
+ * advancing *i. `known` is the NULL-terminated list of the command's
+ * options that take a value. Returns 0, or -EINVAL for an argument that is
+ * not an option, an unknown option, or a missing value; the message names
+ * the argument and points to `moe-ep COMMAND --help`. */
+int moe_next_option(const char *command, const char *const *known, int argc,
+                    char **argv, int *i, const char **value);
+
 /* Rejects, with -EINVAL, an output file path whose directory does not
  * exist or cannot be written, so that a run fails before its work rather
  * than after it. */

@@ -66,6 +66,25 @@ int moe_parse_bytes(const char *flag, const char *text, uint64_t min,
     return 0;
 }
 
+int moe_next_option(const char *command, const char *const *known, int argc,
+                    char **argv, int *i, const char **value)
+{
+    const char *flag = argv[*i];
+    if (strncmp(flag, "--", 2) != 0)
+        return moe_fail(-EINVAL, "unexpected argument '%s': options start with "
+                        "--; see moe-ep %s --help", flag, command);
+    int is_known = 0;
+    for (int k = 0; known[k]; k++)
+        is_known |= !strcmp(flag, known[k]);
+    if (!is_known)
+        return moe_fail(-EINVAL, "unknown option '%s'; see moe-ep %s --help",
+                        flag, command);
+    if (*i + 1 >= argc)
+        return moe_fail(-EINVAL, "missing value for %s", flag);
+    *value = argv[++*i];
+    return 0;
+}
+
 int moe_check_output_path(const char *flag, const char *path)
 {
     if (path[0] == '\0')

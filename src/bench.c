@@ -113,22 +113,13 @@ int moe_bench_parse(struct moe_bench_options *o, int argc, char **argv)
             o->quick = 1;
             continue;
         }
-        if (strncmp(flag, "--", 2) != 0)
-            return moe_fail(-EINVAL, "unexpected argument '%s': options start "
-                            "with --; see moe-ep bench --help", flag);
         static const char *const known[] = {
             "--ranks", "--tokens", "--hidden", "--ffn", "--experts", "--top-k",
-            "--repeats", "--ring-size", "--markdown",
+            "--repeats", "--ring-size", "--markdown", NULL,
         };
-        int is_known = 0;
-        for (size_t k = 0; k < sizeof known / sizeof known[0]; k++)
-            is_known |= !strcmp(flag, known[k]);
-        if (!is_known)
-            return moe_fail(-EINVAL, "unknown option '%s'; see moe-ep bench --help",
-                            flag);
-        if (i + 1 >= argc)
-            return moe_fail(-EINVAL, "missing value for %s", flag);
-        const char *text = argv[++i];
+        const char *text;
+        if ((rc = moe_next_option("bench", known, argc, argv, &i, &text)))
+            return rc;
 
         if (!strcmp(flag, "--ranks")) {
             if ((rc = moe_parse_int64(flag, text, 1, MOE_MAX_RANKS, &v)))

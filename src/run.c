@@ -75,15 +75,6 @@ void moe_run_usage(FILE *out)
         MOE_MAX_RANKS);
 }
 
-/* Returns the value of option argv[*i], advancing *i, or NULL when the
- * option is the last argument. */
-static const char *option_value(int argc, char **argv, int *i)
-{
-    if (*i + 1 >= argc)
-        return NULL;
-    return argv[++*i];
-}
-
 int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
 {
     int64_t v;
@@ -92,22 +83,13 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
         const char *flag = argv[i];
         if (!strcmp(flag, "-h") || !strcmp(flag, "--help"))
             return 1;
-        if (strncmp(flag, "--", 2) != 0)
-            return moe_fail(-EINVAL, "unexpected argument '%s': options start "
-                            "with --; see moe-ep run --help", flag);
         static const char *const known[] = {
             "--ranks", "--tokens", "--hidden", "--ffn", "--experts", "--top-k",
-            "--seed", "--input", "--output", "--timeout", "--ring-size",
+            "--seed", "--input", "--output", "--timeout", "--ring-size", NULL,
         };
-        int is_known = 0;
-        for (size_t k = 0; k < sizeof known / sizeof known[0]; k++)
-            is_known |= !strcmp(flag, known[k]);
-        if (!is_known)
-            return moe_fail(-EINVAL, "unknown option '%s'; see moe-ep run --help",
-                            flag);
-        const char *text = option_value(argc, argv, &i);
-        if (!text)
-            return moe_fail(-EINVAL, "missing value for %s", flag);
+        const char *text;
+        if ((rc = moe_next_option("run", known, argc, argv, &i, &text)))
+            return rc;
 
         if (!strcmp(flag, "--ranks")) {
             if ((rc = moe_parse_int64(flag, text, 1, MOE_MAX_RANKS, &v)))
