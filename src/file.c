@@ -36,13 +36,21 @@ static int write_all(int fd, const struct moe_file_part *parts, int count)
     return 0;
 }
 
-/* Writes straight into an existing device or FIFO. */
+/* Writes straight into an existing device or FIFO. The open does not
+ * block: a FIFO that no process reads fails at once with ENXIO instead of
+ * waiting for a reader forever. Writes then block as usual. */
 static int write_direct(const char *path, const struct moe_file_part *parts,
                         int count)
 {
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0 && errno == ENXIO)
+        return moe_fail(-ENXIO, "%s: no process has the FIFO open for reading",
+                        path);
     if (fd < 0)
         return moe_fail(-errno, "%s: open failed: %s", path, strerror(errno));
+    int flags = fcntl(fd, F_GETFL);
+    if (flags >= 0)
+        fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
     int rc = write_all(fd, parts, count);
     if (close(fd) < 0 && rc == 0)
         rc = -errno;

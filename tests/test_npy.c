@@ -802,6 +802,17 @@ Test(npy, device_target_written_in_place)
     expect_message_contains("/dev/full");
 }
 
+Test(npy, fifo_without_reader_fails_at_once)
+{
+    /* Opening a FIFO that nobody reads must not wait for a reader. */
+    const char *path = test_path("pipe");
+    cr_assert_eq(mkfifo(path, 0600), 0, "mkfifo failed: %s", strerror(errno));
+    float data[4] = {1, 2, 3, 4};
+    int rc = moe_npy_write_f32(path, data, 2, 2);
+    cr_assert_eq(rc, -ENXIO, "rc %d: %s", rc, moe_error_message());
+    expect_message_contains("no process has the FIFO open for reading");
+}
+
 Test(npy, symlink_target_written_through)
 {
     char target[512], link_path[512];
