@@ -12,11 +12,18 @@ struct moe_file_part {
     size_t bytes;
 };
 
+/* Resolves `path` through any chain of symbolic links into `target`
+ * (`size` bytes), ending at an existing file that is not a link or at the
+ * name of a file to create. Returns 0, or -ELOOP, -ENAMETOOLONG or -errno
+ * with a message. */
+int moe_resolve_output_path(const char *path, char *target, size_t size);
+
 /* Writes the parts, in order, as the contents of `path`.
  *   - A regular file, new or existing, is written to a temporary file in
  *     the same directory, synced and renamed over `path`, so a failure
  *     leaves the old contents and no partial file behind.
- *   - A symbolic link is followed, and its target is replaced the same way.
+ *   - A symbolic link is followed to the end of its chain, and the file
+ *     there is replaced the same way. A replaced file keeps its mode.
  *   - A device or FIFO (/dev/null, a pipe) is opened and written directly.
  *   - A directory is rejected with -EINVAL.
  * Returns 0, -EINVAL, or -errno with a message that names `path` and the

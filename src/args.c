@@ -2,6 +2,7 @@
  * args.c - numeric option parsing with range checks; see moe_args.h.
  */
 #include "moe_args.h"
+#include "moe_file.h"
 #include "moe_error.h"
 
 #include <ctype.h>
@@ -89,31 +90,35 @@ int moe_check_output_path(const char *flag, const char *path)
 {
     if (path[0] == '\0')
         return moe_fail(-EINVAL, "invalid %s value '': expected a file name", flag);
+    size_t length = strlen(path);
+    if (path[length - 1] == '/')
+        return moe_fail(-EINVAL, "invalid %s file '%s': expected a file name, "
+                        "not a directory", flag, path);
+
+    /* Check the file that will be written: the end of any link chain. */
+    char target[PATH_MAX];
+    if (moe_resolve_output_path(path, target, sizeof target) != 0)
+        return moe_fail(-EINVAL, "invalid %s file: %s", flag, moe_error_message());
 
     struct stat st;
-    if (stat(path, &st) == 0) {
+    if (stat(target, &st) == 0) {
         if (S_ISDIR(st.st_mode))
             return moe_fail(-EINVAL, "invalid %s file '%s': it is a directory",
                             flag, path);
+        if (access(target, W_OK) != 0)
+            return moe_fail(-EINVAL, "invalid %s file '%s': not writable: %s",
+                            flag, path, strerror(errno));
         if (!S_ISREG(st.st_mode)) /* a device or FIFO is written in place */
-            return access(path, W_OK) == 0
-                       ? 0
-                       : moe_fail(-EINVAL, "invalid %s file '%s': not writable: "
-                                  "%s", flag, path, strerror(errno));
+            return 0;
     }
 
-    char dir[4096];
-    if (snprintf(dir, sizeof dir, "%s", path) >= (int)sizeof dir)
-        return moe_fail(-EINVAL, "invalid %s file: the path is longer than %zu "
-                        "bytes", flag, sizeof dir - 1);
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", target);
     char *slash = strrchr(dir, '/');
     const char *name = slash ? slash + 1 : dir;
     if (strlen(name) > NAME_MAX)
         return moe_fail(-EINVAL, "invalid %s file '%s': the file name is longer "
                         "than %d bytes", flag, path, NAME_MAX);
-    if (name[0] == '\0')
-        return moe_fail(-EINVAL, "invalid %s file '%s': expected a file name, "
-                        "not a directory", flag, path);
     if (!slash)
         snprintf(dir, sizeof dir, ".");
     else if (slash == dir)

@@ -59,8 +59,10 @@ static int write_direct(const char *path, const struct moe_file_part *parts,
     return 0;
 }
 
-/* Writes a temporary file beside `target` and renames it over `target`. */
-static int write_replace(const char *target, const char *shown,
+/* Writes a temporary file beside `target` and renames it over `target`.
+ * The new file gets `mode`, the mode of the file it replaces, or the usual
+ * 0666 less the umask when mode is -1. */
+static int write_replace(const char *target, const char *shown, int mode,
                          const struct moe_file_part *parts, int count)
 {
     char temp[PATH_MAX + 32];
@@ -73,11 +75,14 @@ static int write_replace(const char *target, const char *shown,
     if (fd < 0)
         return moe_fail(-errno, "%s: creating a temporary file beside it "
                         "failed: %s", shown, strerror(errno));
-    /* mkstemp creates mode 0600; give the file the usual mode instead. */
-    mode_t mask = umask(0);
-    umask(mask);
+    /* mkstemp creates mode 0600. */
+    if (mode < 0) {
+        mode_t mask = umask(0);
+        umask(mask);
+        mode = (int)(0666 & ~mask);
+    }
     const char *step = "write";
-    int rc = fchmod(fd, 0666 & ~mask) < 0 ? -errno : 0;
+    int rc = fchmod(fd, (mode_t)mode) < 0 ? -errno : 0;
     if (rc == 0)
         rc = write_all(fd, parts, count);
     if (rc == 0) {
@@ -99,44 +104,61 @@ static int write_replace(const char *target, const char *shown,
     return 0;
 }
 
+int moe_resolve_output_path(const char *path, char *target, size_t size)
+{
+    if (snprintf(target, size, "%s", path) >= (int)size)
+        return moe_fail(-ENAMETOOLONG, "%s: the path is too long", path);
+    /* Follow the chain one link at a time, as the kernel would, so that a
+     * link to a file that does not exist yet resolves to that file. */
+    for (int depth = 0; depth < 40; depth++) {
+        struct stat st;
+        if (lstat(target, &st) != 0) {
+            if (errno == ENOENT || errno == ENOTDIR)
+                return 0; /* the file to create; the caller checks its directory */
+            return moe_fail(-errno, "%s: %s", path, strerror(errno));
+        }
+        if (!S_ISLNK(st.st_mode))
+            return 0;
+
+        char linked[PATH_MAX];
+        ssize_t n = readlink(target, linked, sizeof linked - 1);
+        if (n < 0)
+            return moe_fail(-errno, "%s: reading the symbolic link %s failed: %s",
+                            path, target, strerror(errno));
+        linked[n] = '\0';
+        char next[PATH_MAX];
+        const char *slash = strrchr(target, '/');
+        int written;
+        if (linked[0] == '/' || !slash)
+            written = snprintf(next, sizeof next, "%s", linked);
+        else
+            written = snprintf(next, sizeof next, "%.*s/%s",
+                               (int)(slash - target), target, linked);
+        if (written < 0 || written >= (int)sizeof next || written >= (int)size)
+            return moe_fail(-ENAMETOOLONG, "%s: the target of the symbolic link "
+                            "is too long", path);
+        memcpy(target, next, (size_t)written + 1);
+    }
+    return moe_fail(-ELOOP, "%s: too many levels of symbolic links", path);
+}
+
 int moe_write_file(const char *path, const struct moe_file_part *parts,
                    int count)
 {
     if (path[0] == '\0')
         return moe_fail(-EINVAL, "invalid file name '': expected a path");
+    char target[PATH_MAX];
+    int rc = moe_resolve_output_path(path, target, sizeof target);
+    if (rc)
+        return rc;
 
     struct stat st;
-    if (stat(path, &st) == 0) {
+    if (stat(target, &st) == 0) {
         if (S_ISDIR(st.st_mode))
             return moe_fail(-EINVAL, "%s: is a directory", path);
         if (!S_ISREG(st.st_mode))
-            return write_direct(path, parts, count);
+            return write_direct(target, parts, count);
+        return write_replace(target, path, (int)(st.st_mode & 07777), parts, count);
     }
-
-    struct stat link;
-    if (lstat(path, &link) == 0 && S_ISLNK(link.st_mode)) {
-        char target[PATH_MAX];
-        if (realpath(path, target) == NULL) {
-            /* A link to a file that does not exist yet: create the file it
-             * names, relative to the link's directory. */
-            char linked[PATH_MAX];
-            ssize_t n = readlink(path, linked, sizeof linked - 1);
-            if (n < 0)
-                return moe_fail(-errno, "%s: reading the symbolic link failed: "
-                                "%s", path, strerror(errno));
-            linked[n] = '\0';
-            const char *slash = strrchr(path, '/');
-            int written;
-            if (linked[0] == '/' || !slash)
-                written = snprintf(target, sizeof target, "%s", linked);
-            else
-                written = snprintf(target, sizeof target, "%.*s/%s",
-                                   (int)(slash - path), path, linked);
-            if (written < 0 || written >= (int)sizeof target)
-                return moe_fail(-ENAMETOOLONG, "%s: the target of the symbolic "
-                                "link is too long", path);
-        }
-        return write_replace(target, path, parts, count);
-    }
-    return write_replace(path, path, parts, count);
+    return write_replace(target, path, -1, parts, count);
 }

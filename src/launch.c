@@ -20,6 +20,7 @@
 #include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -27,8 +28,9 @@
 static const int64_t ABORT_GRACE_NS = 2000LL * 1000 * 1000;
 
 /* Creates the shared-memory object, sizes and maps it, and unlinks its
- * name, with SIGINT, SIGTERM and SIGHUP held off so that no signal can end
- * the launcher while the name exists. Returns the mapping or NULL. */
+ * name, with SIGINT, SIGTERM, SIGHUP and SIGXFSZ held off so that no signal
+ * can end the launcher while the name exists (a file size limit then makes
+ * ftruncate fail with EFBIG instead). Returns the mapping or NULL. */
 static void *create_segment(struct moe_launch *launch, uint64_t bytes)
 {
     sigset_t held, original;
@@ -36,6 +38,7 @@ static void *create_segment(struct moe_launch *launch, uint64_t bytes)
     sigaddset(&held, SIGINT);
     sigaddset(&held, SIGTERM);
     sigaddset(&held, SIGHUP);
+    sigaddset(&held, SIGXFSZ);
     sigprocmask(SIG_BLOCK, &held, &original);
 
     void *base = NULL;
@@ -44,7 +47,17 @@ static void *create_segment(struct moe_launch *launch, uint64_t bytes)
         moe_fail(-errno, "shm_open %s failed: %s", launch->name, strerror(errno));
         goto out;
     }
-    if (ftruncate(fd, (off_t)bytes) != 0) {
+    /* A segment larger than the free room in /dev/shm maps fine but makes
+     * a rank die of SIGBUS when it touches a page; say so up front. */
+    struct statvfs room;
+    if (fstatvfs(fd, &room) == 0 &&
+        (uint64_t)room.f_bavail * room.f_frsize < bytes) {
+        moe_fail(-ENOSPC, "shared memory has %llu MiB free but the segment needs "
+                 "%llu MiB; use fewer --ranks, a smaller --ring-size or fewer "
+                 "tokens, or enlarge /dev/shm",
+                 (unsigned long long)room.f_bavail * room.f_frsize >> 20,
+                 (unsigned long long)bytes >> 20);
+    } else if (ftruncate(fd, (off_t)bytes) != 0) {
         moe_fail(-errno, "sizing shared segment %s to %llu bytes failed: %s",
                  launch->name, (unsigned long long)bytes, strerror(errno));
     } else {
@@ -63,7 +76,14 @@ static void *create_segment(struct moe_launch *launch, uint64_t bytes)
     else
         close(fd);
 
-out:
+out:;
+    /* Discard a SIGXFSZ raised by ftruncate; its EFBIG is reported above. */
+    sigset_t size_limit;
+    sigemptyset(&size_limit);
+    sigaddset(&size_limit, SIGXFSZ);
+    struct timespec zero = {0, 0};
+    while (sigtimedwait(&size_limit, NULL, &zero) > 0)
+        continue;
     sigprocmask(SIG_SETMASK, &original, NULL);
     return base;
 }
@@ -232,7 +252,8 @@ static int find_hung_rank(struct moe_launch *launch, const int *alive,
         char state;
         if (!alive[r] || o->hung || read_cpu_time(o->pid, &ticks, &state) != 0)
             continue;
-        if (ticks != last_ticks[r] || last_change[r] == 0) {
+        /* A runnable rank that gets no CPU is starved, not hung. */
+        if (ticks != last_ticks[r] || last_change[r] == 0 || state == 'R') {
             last_ticks[r] = ticks;
             last_change[r] = now;
         } else if (now - last_change[r] > limit) {
@@ -269,6 +290,7 @@ int moe_launch_run(struct moe_launch *launch)
     sigaddset(&watched, SIGCHLD);
     sigaddset(&watched, SIGINT);
     sigaddset(&watched, SIGTERM);
+    sigaddset(&watched, SIGHUP);
     sigprocmask(SIG_BLOCK, &watched, &original);
     fflush(NULL); /* or the children would flush the launcher's buffers too */
 
@@ -317,6 +339,10 @@ int moe_launch_run(struct moe_launch *launch)
 
         int64_t now = moe_now_ns();
         if (now - last_watch > 250 * 1000 * 1000) {
+            /* If the launcher itself did not run for a while (the whole job
+             * was stopped), the ranks' idle time says nothing: start over. */
+            if (last_watch && now - last_watch > 2 * ABORT_GRACE_NS)
+                memset(last_change, 0, sizeof last_change);
             last_watch = now;
             int hung = find_hung_rank(launch, alive, last_ticks, last_change, now);
             if (hung >= 0) {
@@ -338,7 +364,8 @@ int moe_launch_run(struct moe_launch *launch)
 
         struct timespec slice = {0, 20 * 1000 * 1000};
         int sig = sigtimedwait(&watched, NULL, &slice);
-        if ((sig == SIGINT || sig == SIGTERM) && !launch->launcher_signal) {
+        if ((sig == SIGINT || sig == SIGTERM || sig == SIGHUP) &&
+            !launch->launcher_signal) {
             launch->launcher_signal = sig;
             moe_segment_abort(h);
             grace_deadline = moe_now_ns() + ABORT_GRACE_NS;
@@ -350,7 +377,8 @@ int moe_launch_run(struct moe_launch *launch)
     struct timespec zero = {0, 0};
     int sig;
     while ((sig = sigtimedwait(&watched, NULL, &zero)) > 0)
-        if ((sig == SIGINT || sig == SIGTERM) && !launch->launcher_signal)
+        if ((sig == SIGINT || sig == SIGTERM || sig == SIGHUP) &&
+            !launch->launcher_signal)
             launch->launcher_signal = sig;
     sigprocmask(SIG_SETMASK, &original, NULL);
 

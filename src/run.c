@@ -71,7 +71,7 @@ void moe_run_usage(FILE *out)
         "\n"
         "exit status: 0 bitwise equal, 1 golden mismatch, 2 invalid usage or\n"
         "input, 3 runtime failure (a rank died or a wait timed out), 128 + the\n"
-        "signal number when SIGINT or SIGTERM stopped the run\n",
+        "signal number when SIGINT, SIGTERM or SIGHUP stopped the run\n",
         MOE_MAX_RANKS);
 }
 
@@ -175,11 +175,13 @@ static int load_tokens(struct moe_run_options *o, float **tokens)
     }
 
     int64_t rows, cols;
-    /* Every token row needs at least 9 rows of that size in the run (input,
-     * output, golden output and the (T*K, H) buffers), so a file larger than
-     * this share of memory cannot run; reject it before reading it. */
+    /* Every token row needs at least 3 + 6K rows of its size in the run
+     * (input, output, golden output and the (T*K, H) buffers), so a larger
+     * file cannot run; reject it before reading it. */
     double memory = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
-    uint64_t limit = memory > 0 ? (uint64_t)(0.8 * memory / 9) : UINT64_MAX;
+    double rows_per_token = 3.0 + 6.0 * (double)o->shape.top_k;
+    uint64_t limit = memory > 0 ? (uint64_t)(0.8 * memory / rows_per_token)
+                                : UINT64_MAX;
     int rc = moe_npy_read_f32_limited(o->input_path, limit, tokens, &rows, &cols);
     if (rc == -ENOMEM)
         return rc;
@@ -255,14 +257,27 @@ static void corrupt_for_testing(float *output, int64_t count)
     }
 }
 
-/* Returns SIGINT or SIGTERM if one is pending (they are blocked during a
- * run), consuming it, or 0. */
+/* Fills `set` with the signals a run blocks: those that stop it (SIGINT,
+ * SIGTERM, SIGHUP) and SIGXFSZ, so that a file size limit fails a write
+ * with EFBIG instead of killing the launcher mid-write. */
+static void run_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGHUP);
+    sigaddset(set, SIGXFSZ);
+}
+
+/* Returns SIGINT, SIGTERM or SIGHUP if one is pending (they are blocked
+ * during a run), consuming it, or 0. */
 static int pending_stop_signal(void)
 {
     sigset_t stop;
     sigemptyset(&stop);
     sigaddset(&stop, SIGINT);
     sigaddset(&stop, SIGTERM);
+    sigaddset(&stop, SIGHUP);
     struct timespec zero = {0, 0};
     int sig = sigtimedwait(&stop, NULL, &zero);
     return sig > 0 ? sig : 0;
@@ -272,15 +287,13 @@ static int run_blocked(struct moe_run_result *result);
 
 int moe_run(const struct moe_run_options *options, struct moe_run_result *result)
 {
-    /* SIGINT and SIGTERM stay blocked for the whole run. The launcher
+    /* SIGINT, SIGTERM and SIGHUP stay blocked for the whole run. The launcher
      * collects them during the forward; between the later steps they are
      * checked, so that the run stops cleanly and never leaves a partial
      * output file. */
-    sigset_t stop, original;
-    sigemptyset(&stop);
-    sigaddset(&stop, SIGINT);
-    sigaddset(&stop, SIGTERM);
-    sigprocmask(SIG_BLOCK, &stop, &original);
+    sigset_t blocked, original;
+    run_signals(&blocked);
+    sigprocmask(SIG_BLOCK, &blocked, &original);
 
     *result = (struct moe_run_result){.options = *options};
     int rc = run_blocked(result);
@@ -291,6 +304,13 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
     if (result->launcher_signal && rc == 0)
         rc = moe_fail(-ECANCELED, "the run was stopped by signal %d",
                       result->launcher_signal);
+    /* Discard a SIGXFSZ from writing the output; the write reported EFBIG. */
+    sigset_t size_limit;
+    sigemptyset(&size_limit);
+    sigaddset(&size_limit, SIGXFSZ);
+    struct timespec zero = {0, 0};
+    while (sigtimedwait(&size_limit, NULL, &zero) > 0)
+        continue;
     sigprocmask(SIG_SETMASK, &original, NULL);
     return rc;
 }

@@ -802,6 +802,40 @@ Test(npy, device_target_written_in_place)
     expect_message_contains("/dev/full");
 }
 
+Test(npy, symlink_chain_and_loop)
+{
+    /* A chain a -> b -> c ends at c, which is created; a loop is an error. */
+    cr_assert_eq(symlink("chain_b", test_path("chain_a")), 0);
+    cr_assert_eq(symlink("chain_c", test_path("chain_b")), 0);
+    float data[4] = {1, 2, 3, 4};
+    cr_assert_eq(moe_npy_write_f32(test_path("chain_a"), data, 2, 2), 0, "%s",
+                 moe_error_message());
+    struct stat st;
+    cr_assert_eq(lstat(test_path("chain_b"), &st), 0);
+    cr_assert(S_ISLNK(st.st_mode), "the middle link was replaced");
+    cr_assert_eq(lstat(test_path("chain_c"), &st), 0);
+    cr_assert(S_ISREG(st.st_mode), "the end of the chain was not created");
+
+    cr_assert_eq(symlink("loop_b", test_path("loop_a")), 0);
+    cr_assert_eq(symlink("loop_a", test_path("loop_b")), 0);
+    int rc = moe_npy_write_f32(test_path("loop_a"), data, 2, 2);
+    cr_assert_eq(rc, -ELOOP, "rc %d: %s", rc, moe_error_message());
+    cr_assert_eq(lstat(test_path("loop_b"), &st), 0);
+    cr_assert(S_ISLNK(st.st_mode), "a link of the loop was replaced");
+}
+
+Test(npy, replaced_file_keeps_mode)
+{
+    const char *path = test_path("mode.npy");
+    float data[4] = {1, 2, 3, 4};
+    cr_assert_eq(moe_npy_write_f32(path, data, 2, 2), 0);
+    cr_assert_eq(chmod(path, 0640), 0);
+    cr_assert_eq(moe_npy_write_f32(path, data, 1, 4), 0);
+    struct stat st;
+    cr_assert_eq(stat(path, &st), 0);
+    cr_assert_eq(st.st_mode & 07777, 0640, "mode is %o", st.st_mode & 07777);
+}
+
 Test(npy, fifo_without_reader_fails_at_once)
 {
     /* Opening a FIFO that nobody reads must not wait for a reader. */
