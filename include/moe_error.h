@@ -12,7 +12,7 @@
  *   -ECANCELED  the run was aborted because another rank failed  -> exit 3
  *   -EPROTO     a peer wrote a count or record that fails checks -> exit 3
  *   other       a failed system call (-errno) or -ENOMEM         -> exit 3
- * A run stopped by SIGINT or SIGTERM exits with 128 + the signal number.
+ * A run stopped by SIGINT, SIGTERM or SIGHUP exits with 128 + the signal.
  */
 #ifndef MOE_ERROR_H
 #define MOE_ERROR_H

@@ -71,7 +71,7 @@ struct moe_launch {
     struct moe_segment_header *segment; /* launcher's mapping */
     struct moe_rank_outcome outcome[MOE_MAX_RANKS];
     int failed_rank;       /* first rank that failed, or -1 */
-    int launcher_signal;   /* SIGINT or SIGTERM received, or 0 */
+    int launcher_signal;   /* SIGINT, SIGTERM or SIGHUP received, or 0 */
     int64_t elapsed_ns;    /* from the first fork to the last exit */
 };
 

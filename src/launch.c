@@ -372,8 +372,8 @@ int moe_launch_run(struct moe_launch *launch)
         }
     }
 
-    /* Collect a SIGINT or SIGTERM that arrived after the last wait, so that
-     * unblocking does not kill the launcher before it cleans up. */
+    /* Collect a SIGINT, SIGTERM or SIGHUP that arrived after the last wait,
+     * so that unblocking does not kill the launcher before it cleans up. */
     struct timespec zero = {0, 0};
     int sig;
     while ((sig = sigtimedwait(&watched, NULL, &zero)) > 0)

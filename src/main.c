@@ -3,7 +3,7 @@
  * and maps its results to messages and exit statuses.
  *
  * Exit status: 0 success, 1 golden mismatch, 2 invalid usage or input,
- * 3 runtime failure, 128 + signal when SIGINT or SIGTERM stopped a run.
+ * 3 runtime failure, 128 + signal when SIGINT, SIGTERM or SIGHUP stopped a run.
  */
 #include "moe_bench.h"
 #include "moe_error.h"
