@@ -34,6 +34,7 @@
 
 #include "moe_comm.h"
 
+#include <signal.h>
 #include <sys/types.h>
 
 /* Exit status of a rank that stopped because another rank failed. */
@@ -88,6 +89,19 @@ int moe_launch_run(struct moe_launch *launch);
 
 /* Unmaps the segment and closes its descriptor. */
 void moe_launch_destroy(struct moe_launch *launch);
+
+/* Fills `set` with the signals that stop a run: SIGINT, SIGTERM and
+ * SIGHUP. */
+void moe_stop_signals(sigset_t *set);
+
+/* Consumes one pending signal of `set`, which the caller blocks, and returns
+ * it, or 0 when none is pending. Never waits. */
+int moe_take_pending_signal(const sigset_t *set);
+
+/* Discards a pending SIGXFSZ. A caller that blocks SIGXFSZ sees a file size
+ * limit as EFBIG from the failing call, and must discard the signal before
+ * unblocking it, or the default action would end the process. */
+void moe_discard_size_limit_signal(void);
 
 /* Formats what happened to `rank` ("killed by signal 9 (Killed) in
  * dispatch", or its error message) into buf. */

@@ -117,6 +117,17 @@ static inline void *moe_segment_app(struct moe_segment_header *h)
     return (uint8_t *)h + h->app_offset;
 }
 
+/* Tells the CPU that this thread is polling, which saves power and lets a
+ * sibling hardware thread run. */
+static inline void moe_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 /* Wakes `rank`: bumps its doorbell and, if it may be asleep, wakes it. */
 void moe_doorbell_ring(struct moe_segment_header *h, int rank);
 

@@ -34,10 +34,7 @@ static const int64_t ABORT_GRACE_NS = 2000LL * 1000 * 1000;
 static void *create_segment(struct moe_launch *launch, uint64_t bytes)
 {
     sigset_t held, original;
-    sigemptyset(&held);
-    sigaddset(&held, SIGINT);
-    sigaddset(&held, SIGTERM);
-    sigaddset(&held, SIGHUP);
+    moe_stop_signals(&held);
     sigaddset(&held, SIGXFSZ);
     sigprocmask(SIG_BLOCK, &held, &original);
 
@@ -76,14 +73,8 @@ static void *create_segment(struct moe_launch *launch, uint64_t bytes)
     else
         close(fd);
 
-out:;
-    /* Discard a SIGXFSZ raised by ftruncate; its EFBIG is reported above. */
-    sigset_t size_limit;
-    sigemptyset(&size_limit);
-    sigaddset(&size_limit, SIGXFSZ);
-    struct timespec zero = {0, 0};
-    while (sigtimedwait(&size_limit, NULL, &zero) > 0)
-        continue;
+out:
+    moe_discard_size_limit_signal(); /* ftruncate's EFBIG is reported above */
     sigprocmask(SIG_SETMASK, &original, NULL);
     return base;
 }
@@ -286,11 +277,8 @@ int moe_launch_run(struct moe_launch *launch)
     int live = 0, rc = 0;
 
     sigset_t watched, original;
-    sigemptyset(&watched);
+    moe_stop_signals(&watched);
     sigaddset(&watched, SIGCHLD);
-    sigaddset(&watched, SIGINT);
-    sigaddset(&watched, SIGTERM);
-    sigaddset(&watched, SIGHUP);
     sigprocmask(SIG_BLOCK, &watched, &original);
     fflush(NULL); /* or the children would flush the launcher's buffers too */
 
@@ -374,9 +362,8 @@ int moe_launch_run(struct moe_launch *launch)
 
     /* Collect a SIGINT, SIGTERM or SIGHUP that arrived after the last wait,
      * so that unblocking does not kill the launcher before it cleans up. */
-    struct timespec zero = {0, 0};
     int sig;
-    while ((sig = sigtimedwait(&watched, NULL, &zero)) > 0)
+    while ((sig = moe_take_pending_signal(&watched)) != 0)
         if ((sig == SIGINT || sig == SIGTERM || sig == SIGHUP) &&
             !launch->launcher_signal)
             launch->launcher_signal = sig;
@@ -391,6 +378,30 @@ int moe_launch_run(struct moe_launch *launch)
         if (launch->outcome[r].exit_status != 0)
             return -ECANCELED;
     return 0;
+}
+
+void moe_stop_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGHUP);
+}
+
+int moe_take_pending_signal(const sigset_t *set)
+{
+    struct timespec zero = {0, 0};
+    int sig = sigtimedwait(set, NULL, &zero);
+    return sig > 0 ? sig : 0;
+}
+
+void moe_discard_size_limit_signal(void)
+{
+    sigset_t size_limit;
+    sigemptyset(&size_limit);
+    sigaddset(&size_limit, SIGXFSZ);
+    while (moe_take_pending_signal(&size_limit) != 0)
+        continue;
 }
 
 void moe_launch_describe(const struct moe_launch *launch, int rank, char *buf,

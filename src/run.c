@@ -262,10 +262,7 @@ static void corrupt_for_testing(float *output, int64_t count)
  * with EFBIG instead of killing the launcher mid-write. */
 static void run_signals(sigset_t *set)
 {
-    sigemptyset(set);
-    sigaddset(set, SIGINT);
-    sigaddset(set, SIGTERM);
-    sigaddset(set, SIGHUP);
+    moe_stop_signals(set);
     sigaddset(set, SIGXFSZ);
 }
 
@@ -274,13 +271,8 @@ static void run_signals(sigset_t *set)
 static int pending_stop_signal(void)
 {
     sigset_t stop;
-    sigemptyset(&stop);
-    sigaddset(&stop, SIGINT);
-    sigaddset(&stop, SIGTERM);
-    sigaddset(&stop, SIGHUP);
-    struct timespec zero = {0, 0};
-    int sig = sigtimedwait(&stop, NULL, &zero);
-    return sig > 0 ? sig : 0;
+    moe_stop_signals(&stop);
+    return moe_take_pending_signal(&stop);
 }
 
 static int run_blocked(struct moe_run_result *result);
@@ -304,13 +296,7 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
     if (result->launcher_signal && rc == 0)
         rc = moe_fail(-ECANCELED, "the run was stopped by signal %d",
                       result->launcher_signal);
-    /* Discard a SIGXFSZ from writing the output; the write reported EFBIG. */
-    sigset_t size_limit;
-    sigemptyset(&size_limit);
-    sigaddset(&size_limit, SIGXFSZ);
-    struct timespec zero = {0, 0};
-    while (sigtimedwait(&size_limit, NULL, &zero) > 0)
-        continue;
+    moe_discard_size_limit_signal(); /* the output write reported EFBIG */
     sigprocmask(SIG_SETMASK, &original, NULL);
     return rc;
 }

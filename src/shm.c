@@ -148,15 +148,6 @@ void moe_segment_abort(struct moe_segment_header *h)
         moe_doorbell_ring(h, (int)r);
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 int moe_doorbell_wait(struct moe_segment_header *h, int rank, uint32_t seen,
                       int64_t deadline_ns)
 {
@@ -167,7 +158,7 @@ int moe_doorbell_wait(struct moe_segment_header *h, int rank, uint32_t seen,
         for (int i = 0; i < SPIN_POLLS; i++) {
             if (atomic_load_explicit(&slot->doorbell, memory_order_acquire) != seen)
                 return 0;
-            cpu_relax();
+            moe_cpu_relax();
         }
     } while (spin_until && moe_now_ns() < spin_until);
 

@@ -138,15 +138,6 @@ static uint64_t body_checksum(const uint8_t *body, uint32_t bytes)
     return h;
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 /* Backs off while the ring is full or empty: 64 pause spins, then 32
  * sched_yield() calls, then 50 us sleeps, so that two cores shared with
  * other tests are not burnt. Returns true once it sleeps, which is when the
@@ -159,7 +150,7 @@ static bool backoff_wait(struct backoff *b)
 {
     b->calls++;
     if (b->calls <= 64) {
-        cpu_relax();
+        moe_cpu_relax();
         return false;
     }
     if (b->calls <= 64 + 32) {
