@@ -117,7 +117,7 @@ int64_t moe_expert_scratch_floats(int64_t rows, int64_t ffn);
 
 /* Runs one SwiGLU expert on M rows with OpenBLAS:
  *   y (M, H) = (silu(x . w1^T) * (x . w3^T)) . w2^T
- * x is (M, H), w1 and w3 are (F, H), w2 is (H, F), scratch holds
+ * x is (M, H), w1 and w3 are (F, H), w2 is (H, F), and scratch has room for
  * moe_expert_scratch_floats(M, F) floats. x, y and scratch must not
  * overlap. M may be 0; M, H and F must fit in an int, as cblas_sgemm takes
  * int dimensions (the program's option limits ensure it). */
@@ -138,8 +138,8 @@ float moe_silu(float v);
 
 /* Sums each token's K weighted expert outputs in slot order k = 0..K-1:
  *   out[t] = sum_k weights[t][k] * rows[t * K + k]
- * weights is (T, K), rows holds T * K pointers to H floats, and out is
- * (T, H). A NULL pointer adds nothing; it stands for an assignment dropped
+ * weights is (T, K), rows contains T * K pointers to H floats, and out is
+ * (T, H). A NULL pointer adds nothing. It marks an assignment dropped
  * by a capacity limit, which the layer does not apply yet. Both paths call
  * this one function, so the same inputs give the same bits. */
 void moe_combine(int64_t tokens, int64_t hidden, int64_t top_k,

@@ -28,9 +28,9 @@
 static const int64_t ABORT_GRACE_NS = 2000LL * 1000 * 1000;
 
 /* Creates the shared-memory object, sizes and maps it, and unlinks its
- * name, with SIGINT, SIGTERM, SIGHUP and SIGXFSZ held off so that no signal
- * can end the launcher while the name exists (a file size limit then makes
- * ftruncate fail with EFBIG instead). Returns the mapping or NULL. */
+ * name. SIGINT, SIGTERM, SIGHUP and SIGXFSZ are blocked meanwhile, so no
+ * signal can end the launcher while the name exists, and a file size limit
+ * makes ftruncate fail with EFBIG. Returns the mapping or NULL. */
 static void *create_segment(struct moe_launch *launch, uint64_t bytes)
 {
     sigset_t held, original;
@@ -44,8 +44,8 @@ static void *create_segment(struct moe_launch *launch, uint64_t bytes)
         moe_fail(-errno, "shm_open %s failed: %s", launch->name, strerror(errno));
         goto out;
     }
-    /* A segment larger than the free room in /dev/shm maps fine but makes
-     * a rank die of SIGBUS when it touches a page; say so up front. */
+    /* A segment larger than the free room in /dev/shm maps fine, but a rank
+     * then dies of SIGBUS when it touches a page, so reject it here. */
     struct statvfs room;
     if (fstatvfs(fd, &room) == 0 &&
         (uint64_t)room.f_bavail * room.f_frsize < bytes) {
@@ -159,8 +159,8 @@ static struct moe_segment_header *attach_segment(int fd, int ranks)
 static void run_rank(struct moe_launch *launch, int rank, pid_t launcher,
                      const sigset_t *original_mask)
 {
-    /* Ctrl-C reaches the whole process group; the launcher alone decides
-     * how the run stops, and tells the ranks through the abort flag. */
+    /* Ctrl-C reaches the whole process group. Only the launcher acts on it,
+     * and it stops the ranks through the abort flag. */
     signal(SIGINT, SIG_IGN);
     signal(SIGTERM, SIG_DFL);
     sigprocmask(SIG_SETMASK, original_mask, NULL);
@@ -327,8 +327,9 @@ int moe_launch_run(struct moe_launch *launch)
 
         int64_t now = moe_now_ns();
         if (now - last_watch > 250 * 1000 * 1000) {
-            /* If the launcher itself did not run for a while (the whole job
-             * was stopped), the ranks' idle time says nothing: start over. */
+            /* If the launcher itself did not run for a while, because the
+             * whole job was stopped, the ranks' idle times are meaningless
+             * and start over. */
             if (last_watch && now - last_watch > 2 * ABORT_GRACE_NS)
                 memset(last_change, 0, sizeof last_change);
             last_watch = now;

@@ -110,8 +110,8 @@ static void copy_in(uint8_t *data, uint64_t capacity, uint64_t at,
         memcpy(data, (const uint8_t *)src + first, n - first);
 }
 
-/* Free bytes as the producer sees them; refreshes the cached tail only when
- * the cached value says fewer than `wanted` bytes are free. */
+/* Returns the free bytes as far as the producer knows. It reloads tail only
+ * when the cached value leaves fewer than `wanted` bytes free. */
 static uint64_t free_bytes(struct moe_ring_producer *p, uint64_t wanted)
 {
     uint64_t free_now = p->capacity - (p->head - p->tail_cache);

@@ -838,7 +838,7 @@ Test(npy, replaced_file_keeps_mode)
 
 Test(npy, fifo_without_reader_fails_at_once)
 {
-    /* Opening a FIFO that nobody reads must not wait for a reader. */
+    /* Opening a FIFO that no process reads must not wait for a reader. */
     const char *path = test_path("pipe");
     cr_assert_eq(mkfifo(path, 0600), 0, "mkfifo failed: %s", strerror(errno));
     float data[4] = {1, 2, 3, 4};

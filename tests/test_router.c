@@ -15,7 +15,7 @@ static void route_one(const float *logits, int64_t E, int64_t K, int32_t *ids,
     moe_route_topk(logits, 1, E, K, probs, ids, weights);
 }
 
-/* Asserts that ids holds K distinct experts in [0, E). */
+/* Asserts that ids contains K distinct experts in [0, E). */
 static void expect_valid_ids(const int32_t *ids, int64_t E, int64_t K)
 {
     for (int64_t k = 0; k < K; k++) {
