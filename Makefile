@@ -13,7 +13,7 @@
 
 BUILD    ?= build
 CC       ?= cc
-PKGS     := openblas
+PKGS     := openblas libcjson
 CFLAGS   ?= -O2 -g
 ALL_CFLAGS := $(CFLAGS) -std=gnu11 -Wall -Wextra -Werror -ffp-contract=off -pthread \
             -Iinclude $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
