@@ -4,13 +4,15 @@
  *
  * Each rank owns a contiguous block of tokens and a contiguous block of
  * experts (moe_block_range). One forward is five steps:
- *   route     gate logits, softmax and top-k for the rank's own tokens
+ *   route     gate logits, scores and top-k for the rank's own tokens
  *   layout    all-gather of the (E) count of rows each rank sends to each
  *             expert, so every rank knows the full (R, E) layout
  *   dispatch  all-to-all of the token rows, then a local reorder so that
  *             each owned expert's rows are in global token order
- *   compute   one SwiGLU call per owned expert over all of its rows
- *   combine   the reverse all-to-all, then the weighted sum per token
+ *   compute   one SwiGLU call per owned expert over all of its rows, and
+ *             the shared expert, if any, over the rank's own tokens
+ *   combine   the reverse all-to-all, then the weighted sum per token plus
+ *             the shared expert's row
  * A rank that owns no expert, or has no token, still takes part in every
  * collective.
  */
@@ -23,33 +25,52 @@
 #define MOE_RUN_AREA_MAGIC 0x4e5552455045454dULL /* "MEEPERUN" read as bytes */
 
 /* The app area of a `moe-ep run` segment: a small header, then the arrays
- * at the offsets it gives (bytes from the start of the area). */
+ * at the offsets it gives (bytes from the start of the area). Each rank
+ * writes only its own rows. */
 struct moe_run_area {
     uint64_t magic;
     struct moe_shape shape;
     int64_t ranks;
-    uint64_t output_offset; /* float (T, H): the layer output, each rank
-                               writes its own token rows */
-    uint64_t counts_offset; /* int64 (R, E): rows rank r routed to expert e,
-                               each rank writes its own row */
+    int64_t dump;           /* 1 when the stage arrays below are present */
+    uint64_t output_offset; /* float (T, H): the layer output */
+    uint64_t counts_offset; /* int64 (R, E): rows rank r routed to expert e */
+    /* The stages of --dump, each 0 when absent: */
+    uint64_t logits_offset;     /* float (T, E) */
+    uint64_t scores_offset;     /* float (T, E) */
+    uint64_t ids_offset;        /* int32 (T, K) */
+    uint64_t weights_offset;    /* float (T, K) */
+    uint64_t expert_out_offset; /* float (T, K, H): expert outputs back home,
+                                   before weighting */
+    uint64_t shared_out_offset; /* float (T, H), when the layer has a shared
+                                   expert */
+    uint64_t recv_x_offset;     /* float (T * K, H): the rows each rank
+                                   received, rank-major, in receive order */
     uint64_t area_bytes;
 };
 
-/* Bytes the run area needs for this shape and rank count, or 0 when that
- * overflows. */
-uint64_t moe_run_area_bytes(const struct moe_shape *shape, int ranks);
+/* Bytes the run area needs for this shape and rank count, with or without
+ * the stage arrays of --dump, or 0 when that overflows. */
+uint64_t moe_run_area_bytes(const struct moe_shape *shape, int ranks, int dump);
 
 /* Lays out the run area at `area`. */
-void moe_run_area_init(void *area, const struct moe_shape *shape, int ranks);
+void moe_run_area_init(void *area, const struct moe_shape *shape, int ranks,
+                       int dump);
+
+/* Returns the array at `offset` bytes into the run area, or NULL for an
+ * absent stage (offset 0). */
+static inline void *moe_run_area_at(void *area, uint64_t offset)
+{
+    return offset ? (char *)area + offset : NULL;
+}
 
 static inline float *moe_run_area_output(void *area)
 {
-    return (float *)((char *)area + ((struct moe_run_area *)area)->output_offset);
+    return moe_run_area_at(area, ((struct moe_run_area *)area)->output_offset);
 }
 
 static inline int64_t *moe_run_area_counts(void *area)
 {
-    return (int64_t *)((char *)area + ((struct moe_run_area *)area)->counts_offset);
+    return moe_run_area_at(area, ((struct moe_run_area *)area)->counts_offset);
 }
 
 /* Inputs every rank reads; they live in the launcher's memory and reach the

@@ -21,12 +21,45 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Largest E the router supports; its per-token work arrays are sized by
+ * it. */
+#define MOE_MAX_EXPERTS 4096
+
 struct moe_shape {
     int64_t tokens;  /* T, the whole batch across all ranks */
     int64_t hidden;  /* H */
     int64_t ffn;     /* F */
     int64_t experts; /* E */
     int64_t top_k;   /* K, 1 <= K <= E */
+    int64_t shared_ffn; /* Fs, width of the shared expert; 0 when the layer
+                           has none */
+};
+
+/* How the router turns a token's E gate logits into K expert ids and K
+ * combine weights. The model families map onto these fields:
+ *   mixtral                  softmax-topk, renormalize
+ *   qwen2_moe, qwen3_moe,    softmax-topk, renormalize = norm_topk_prob
+ *   olmoe
+ *   deepseek_v3              sigmoid, score bias, groups, renormalize =
+ *                            norm_topk_prob, scaling = routed_scaling_factor
+ */
+enum moe_scoring {
+    /* scores = softmax over all E logits, select the K best scores */
+    MOE_SCORING_SOFTMAX_TOPK = 0,
+    /* scores = the logits, select the K best, weights = softmax over the
+     * K selected logits */
+    MOE_SCORING_TOPK_SOFTMAX = 1,
+    /* scores = sigmoid of each logit, select the K best scores */
+    MOE_SCORING_SIGMOID = 2,
+};
+
+struct moe_router {
+    enum moe_scoring scoring;
+    int renormalize;      /* divide the K weights by their sum */
+    float scaling_factor; /* multiplies the K weights last; 1 when unused */
+    int64_t groups;       /* experts split into this many equal groups; 1
+                             means no group limit */
+    int64_t topk_groups;  /* groups a token may select from */
 };
 
 /* Weights of one layer in the Hugging Face (Mixtral) layout. Each expert
@@ -37,7 +70,25 @@ struct moe_weights {
     float *w1;   /* (E, F, H): gate projection of each expert */
     float *w3;   /* (E, F, H): up projection of each expert */
     float *w2;   /* (E, H, F): down projection of each expert */
+    struct moe_router router;
+    float *score_bias; /* (E) added to the scores for selection only, or
+                          NULL (DeepSeek-V3's e_score_correction_bias) */
+    /* The shared expert, which every token passes through, or NULL when
+     * shape.shared_ffn is 0. */
+    float *shared_w1;   /* (Fs, H) */
+    float *shared_w3;   /* (Fs, H) */
+    float *shared_w2;   /* (H, Fs) */
+    float *shared_gate; /* (H): output scaled by sigmoid(x . shared_gate),
+                           or NULL for no gate */
 };
+
+/* Sets the Mixtral router: softmax-topk, renormalize, no groups, scaling 1. */
+void moe_router_default(struct moe_router *router);
+
+/* Checks the router against the shape: 1 <= K <= E, groups divides E,
+ * 1 <= topk_groups <= groups, and the kept groups hold at least K experts.
+ * Returns 0, or -EINVAL with a message naming the field and the value. */
+int moe_router_check(const struct moe_router *router, const struct moe_shape *shape);
 
 /* Sets OpenBLAS to one thread. Call once per process before any expert GEMM;
  * the golden path and every rank must run with the same thread count. */
@@ -59,6 +110,11 @@ enum moe_stream {
     MOE_STREAM_W1 = 3,
     MOE_STREAM_W3 = 4,
     MOE_STREAM_W2 = 5,
+    MOE_STREAM_SCORE_BIAS = 6,
+    MOE_STREAM_SHARED_W1 = 7,
+    MOE_STREAM_SHARED_W3 = 8,
+    MOE_STREAM_SHARED_W2 = 9,
+    MOE_STREAM_SHARED_GATE = 10,
 };
 
 /* Fills dst[0..count) with uniform values in [-scale, scale). Element i of
@@ -68,8 +124,18 @@ void moe_fill_uniform(float *dst, int64_t count, uint64_t seed,
                       uint32_t stream, uint32_t substream, int64_t first,
                       float scale);
 
-/* Allocates the weights for `shape` and draws them from `seed`. Returns 0 or
- * -ENOMEM. */
+/* Allocates the weights for `shape`, unfilled: the experts, and the shared
+ * expert when shape->shared_ffn > 0, plus a score bias and a shared gate
+ * when asked for. Sets the Mixtral router. Returns 0 or -ENOMEM, and on
+ * failure leaves nothing allocated. */
+int moe_weights_alloc(struct moe_weights *weights, const struct moe_shape *shape,
+                      int with_score_bias, int with_shared_gate);
+
+/* Draws every allocated array of `weights` from `seed`. */
+void moe_weights_fill_random(struct moe_weights *weights, uint64_t seed);
+
+/* Allocates the weights for `shape`, without score bias or shared gate, and
+ * draws them from `seed`. Returns 0 or -ENOMEM. */
 int moe_weights_init_random(struct moe_weights *weights,
                             const struct moe_shape *shape, uint64_t seed);
 void moe_weights_free(struct moe_weights *weights);
@@ -110,6 +176,27 @@ void moe_route_topk(const float *logits, int64_t tokens, int64_t experts,
                     int64_t top_k, float *probs, int32_t *expert_ids,
                     float *weights);
 
+/* Routes T tokens with `router`, in fp32:
+ *   1. scores (T, E) from the logits (softmax, the logits themselves, or
+ *      sigmoid, by router->scoring);
+ *   2. selection keys = scores + score_bias when score_bias is not NULL;
+ *   3. with groups > 1, each group's key is the sum of its two best
+ *      selection keys (its one key for groups of one expert), the
+ *      topk_groups best groups are kept, and the experts of the other
+ *      groups cannot be selected;
+ *   4. the K best selection keys give expert_ids;
+ *   5. the weights are the unbiased scores of those experts (for
+ *      topk-softmax, the softmax over the K selected logits), divided by
+ *      their sum in slot order when router->renormalize, then multiplied
+ *      by router->scaling_factor unless it is 1.
+ * Ties go to the lower expert and the lower group index. NaN ranks below
+ * every number and an excluded expert below NaN, so the K ids are always
+ * distinct and in [0, E). The router must pass moe_router_check(). */
+void moe_route(const struct moe_router *router, const float *score_bias,
+               const float *logits, int64_t tokens, int64_t experts,
+               int64_t top_k, float *scores, int32_t *expert_ids,
+               float *weights);
+
 /* ---- compute ---------------------------------------------------------- */
 
 /* Floats of scratch that moe_expert_forward() needs for M rows. */
@@ -134,6 +221,33 @@ void moe_expert_forward_loop(const float *x, int64_t rows, int64_t hidden,
 /* silu(v) = v / (1 + exp(-v)), the SwiGLU activation. */
 float moe_silu(float v);
 
+/* ---- shared expert ---------------------------------------------------- */
+
+/* Rows per GEMM call of the shared expert. Every call has exactly this many
+ * rows, and token t always sits in row t mod MOE_SHARED_TILE of the call
+ * for tile t / MOE_SHARED_TILE. OpenBLAS gives a row the same bits when M,
+ * N, K, the row's position and the thread count are the same, whatever the
+ * other rows hold, so a rank that computes its own tokens gets the bits of
+ * the golden path, which computes all of them. */
+#define MOE_SHARED_TILE 64
+
+/* Floats of scratch that moe_shared_expert_forward() needs. */
+int64_t moe_shared_scratch_floats(int64_t hidden, int64_t shared_ffn);
+
+/* Runs the shared expert on tokens [first, first + count) of the batch:
+ *   y (count, H) = gate(x) * (silu(x . shared_w1^T) * (x . shared_w3^T)) . shared_w2^T
+ * where gate(x) = sigmoid(x . shared_gate) when the layer has a shared gate
+ * and 1 otherwise. x points at token `first` and holds count rows of H.
+ * The tile rule above makes the bits of a token independent of first and
+ * count. Does nothing when the layer has no shared expert. */
+void moe_shared_expert_forward(const struct moe_weights *weights, const float *x,
+                               int64_t first, int64_t count, float *scratch,
+                               float *y);
+
+/* Adds the shared expert's rows to the combined output: out[i] += shared[i]
+ * over count * H floats. */
+void moe_add_shared(float *out, const float *shared, int64_t count, int64_t hidden);
+
 /* ---- combine ---------------------------------------------------------- */
 
 /* Sums each token's K weighted expert outputs in slot order k = 0..K-1:
@@ -153,11 +267,20 @@ struct moe_golden_info {
     int64_t *tokens_per_expert; /* (E) */
     int32_t *expert_ids;        /* (T, K) */
     float *weights;             /* (T, K) */
+    /* Filled only when want_stages is set before the call: */
+    int want_stages;
+    float *logits;     /* (T, E) */
+    float *scores;     /* (T, E) */
+    float *expert_out; /* (T, K, H): expert ids[t][k]'s output for token t,
+                          before weighting */
+    float *shared_out; /* (T, H), or NULL without a shared expert */
 };
 
 /* Computes the layer in one process with no shared memory: route all T
- * tokens, give each expert its rows in token order, run the experts, and
- * combine. x is (T, H), out is (T, H). info may be NULL.
+ * tokens, give each expert its rows in token order, run the experts and the
+ * shared expert, and combine. x is (T, H), out is (T, H). info may be NULL;
+ * otherwise the caller zeroes it, sets want_stages if it wants the stage
+ * arrays, and releases it with moe_golden_info_free().
  * Returns 0 or -ENOMEM. */
 int moe_golden_forward(const struct moe_weights *weights, const float *x,
                        float *out, struct moe_golden_info *info);

@@ -128,7 +128,7 @@ static int forward_steady(const struct moe_bench_options *o,
                           struct moe_bench_forward *row)
 {
     const struct moe_shape *s = &input->weights->shape;
-    uint64_t run_bytes = moe_run_area_bytes(s, ranks);
+    uint64_t run_bytes = moe_run_area_bytes(s, ranks, 0);
     if (run_bytes == 0)
         return moe_fail(-EINVAL, "the output of %" PRId64 " x %" PRId64
                         " floats is too large", s->tokens, s->hidden);
@@ -147,7 +147,7 @@ static int forward_steady(const struct moe_bench_options *o,
     if (rc)
         return rc;
     void *app = moe_segment_app(launch.segment);
-    moe_run_area_init(app, s, ranks);
+    moe_run_area_init(app, s, ranks, 0);
     struct moe_bench_area *area =
         (struct moe_bench_area *)((char *)app + plan.bench_offset);
     area->magic = MOE_BENCH_AREA_MAGIC;
@@ -185,7 +185,7 @@ static int forward_cold(const struct moe_bench_options *o,
     struct moe_launch_config config = {
         .ranks = ranks,
         .ring_capacity = o->ring_bytes,
-        .app_bytes = moe_run_area_bytes(s, ranks),
+        .app_bytes = moe_run_area_bytes(s, ranks, 0),
         .timeout_ns = RANK_TIMEOUT_NS,
         .rank_main = moe_dist_rank_main,
         .arg = input,
@@ -193,7 +193,7 @@ static int forward_cold(const struct moe_bench_options *o,
     int rc = moe_launch_create(&launch, &config);
     if (rc)
         return rc;
-    moe_run_area_init(moe_segment_app(launch.segment), s, ranks);
+    moe_run_area_init(moe_segment_app(launch.segment), s, ranks, 0);
     if ((rc = moe_bench_launch(&launch, "the forward"))) {
         moe_launch_destroy(&launch);
         return rc;

@@ -35,29 +35,60 @@ static uint64_t align64(uint64_t v)
     return (v + 63) & ~(uint64_t)63;
 }
 
-uint64_t moe_run_area_bytes(const struct moe_shape *shape, int ranks)
+/* Computes the offsets of the run area into *a and returns its size, or 0
+ * on overflow. Every size is checked against a bound far below 2^64 first,
+ * so the sums cannot wrap. */
+static uint64_t layout_run_area(struct moe_run_area *a, const struct moe_shape *s,
+                                int ranks, int dump)
 {
-    uint64_t output = (uint64_t)shape->tokens * (uint64_t)shape->hidden;
-    if (shape->hidden != 0 && output / (uint64_t)shape->hidden != (uint64_t)shape->tokens)
+    const uint64_t limit = (uint64_t)1 << 56;
+    uint64_t T = (uint64_t)s->tokens, H = (uint64_t)s->hidden,
+             E = (uint64_t)s->experts, K = (uint64_t)s->top_k;
+    if (T >= (1u << 30) || H >= (1u << 30) || E >= (1u << 30) || K > E ||
+        T * H >= limit / (K + 1) / sizeof(float))
         return 0;
-    if (output > (UINT64_MAX / 8) / sizeof(float))
-        return 0;
-    uint64_t counts = (uint64_t)ranks * (uint64_t)shape->experts * sizeof(int64_t);
-    return align64(sizeof(struct moe_run_area)) + align64(output * sizeof(float)) +
-           align64(counts);
+
+    uint64_t at = align64(sizeof *a);
+    memset(a, 0, sizeof *a);
+    a->output_offset = at;
+    at += align64(T * H * sizeof(float));
+    a->counts_offset = at;
+    at += align64((uint64_t)ranks * E * sizeof(int64_t));
+    if (dump) {
+        a->logits_offset = at;
+        at += align64(T * E * sizeof(float));
+        a->scores_offset = at;
+        at += align64(T * E * sizeof(float));
+        a->ids_offset = at;
+        at += align64(T * K * sizeof(int32_t));
+        a->weights_offset = at;
+        at += align64(T * K * sizeof(float));
+        a->expert_out_offset = at;
+        at += align64(T * K * H * sizeof(float));
+        if (s->shared_ffn > 0) {
+            a->shared_out_offset = at;
+            at += align64(T * H * sizeof(float));
+        }
+        a->recv_x_offset = at;
+        at += align64(T * K * H * sizeof(float));
+    }
+    return at;
 }
 
-void moe_run_area_init(void *area, const struct moe_shape *shape, int ranks)
+uint64_t moe_run_area_bytes(const struct moe_shape *shape, int ranks, int dump)
+{
+    struct moe_run_area a;
+    return layout_run_area(&a, shape, ranks, dump);
+}
+
+void moe_run_area_init(void *area, const struct moe_shape *shape, int ranks, int dump)
 {
     struct moe_run_area *a = area;
+    a->area_bytes = layout_run_area(a, shape, ranks, dump);
     a->magic = MOE_RUN_AREA_MAGIC;
     a->shape = *shape;
     a->ranks = ranks;
-    a->output_offset = align64(sizeof *a);
-    a->counts_offset = a->output_offset +
-                       align64((uint64_t)shape->tokens * (uint64_t)shape->hidden *
-                               sizeof(float));
-    a->area_bytes = moe_run_area_bytes(shape, ranks);
+    a->dump = dump;
 }
 
 /* Per-rank state, kept across forwards so that buffers are reused. */
@@ -83,6 +114,8 @@ struct moe_dist_rank {
     float *expert_in;    /* (received, H), expert-major */
     float *expert_out;   /* (received, H), expert-major */
     float *scratch;      /* for scratch_capacity rows of one expert */
+    float *shared_scratch; /* moe_shared_scratch_floats(), or NULL */
+    float *shared_out;   /* (tokens, H) shared expert rows, or NULL */
     const float **slot_rows; /* (tokens * K) */
     uint64_t *table;     /* 5 x (R): byte counts and offsets */
     int64_t received_capacity; /* rows recv_rows, expert_in, expert_out hold */
@@ -166,7 +199,8 @@ static int route(struct moe_dist_rank *f, const struct moe_dist_input *in)
     const float *x = in->tokens + f->token_first * H;
 
     moe_gate_logits(x, in->weights->gate, n, H, E, f->logits);
-    moe_route_topk(f->logits, n, E, K, f->probs, f->ids, f->weights);
+    moe_route(&in->weights->router, in->weights->score_bias, f->logits, n, E, K,
+              f->probs, f->ids, f->weights);
 
     /* Counting sort of the assignments by expert, stable in token order. */
     int64_t *next = calloc((size_t)E + 1, sizeof *next);
@@ -267,7 +301,8 @@ int moe_dist_rank_new(struct moe_comm *comm, const struct moe_dist_input *in,
     *out = NULL;
     if (comm->segment->app_bytes < sizeof *run || run->magic != MOE_RUN_AREA_MAGIC ||
         run->ranks != R || memcmp(&run->shape, s, sizeof *s) != 0 ||
-        run->area_bytes != moe_run_area_bytes(s, R) ||
+        (run->dump != 0 && run->dump != 1) ||
+        run->area_bytes != moe_run_area_bytes(s, R, (int)run->dump) ||
         run->area_bytes > comm->segment->app_bytes)
         return moe_fail(-EPROTO, "rank %d: the run area does not match this "
                         "layer's shape", me);
@@ -293,6 +328,15 @@ int moe_dist_rank_new(struct moe_comm *comm, const struct moe_dist_input *in,
     f->send_rows = moe_alloc_large((size_t)(n * K * s->hidden + 1) * sizeof(float));
     f->slot_rows = malloc((size_t)(n * K + 1) * sizeof(*f->slot_rows));
     f->table = calloc(5 * (size_t)R, sizeof(uint64_t));
+    if (s->shared_ffn > 0) {
+        f->shared_scratch = moe_alloc_large(
+            (size_t)moe_shared_scratch_floats(s->hidden, s->shared_ffn) * sizeof(float));
+        f->shared_out = moe_alloc_large((size_t)(n * s->hidden + 1) * sizeof(float));
+        if (!f->shared_scratch || !f->shared_out) {
+            moe_dist_rank_free(f);
+            return moe_fail(-ENOMEM, "rank %d: out of memory for the shared expert", me);
+        }
+    }
     if (!f->logits || !f->probs || !f->ids || !f->weights || !f->counts ||
         !f->all_counts || !f->order || !f->send_rows || !f->slot_rows || !f->table) {
         moe_dist_rank_free(f);
@@ -319,6 +363,8 @@ void moe_dist_rank_free(struct moe_dist_rank *f)
     free(f->expert_in);
     free(f->expert_out);
     free(f->scratch);
+    free(f->shared_scratch);
+    free(f->shared_out);
     free(f->slot_rows);
     free(f->table);
     free(f);
@@ -331,6 +377,58 @@ static int64_t rows_of_expert(const struct moe_dist_rank *f, int64_t E, int64_t 
     for (int src = 0; src < f->comm->ranks; src++)
         rows += f->all_counts[src * E + e];
     return rows;
+}
+
+/* Copies this rank's routing results into the dump stages of the run
+ * area. */
+static void dump_route(const struct moe_dist_rank *f, void *area)
+{
+    const struct moe_run_area *a = area;
+    const struct moe_shape *s = &a->shape;
+    int64_t n = f->tokens, first = f->token_first, E = s->experts, K = s->top_k;
+    memcpy((float *)moe_run_area_at(area, a->logits_offset) + first * E, f->logits,
+           (size_t)(n * E) * sizeof(float));
+    memcpy((float *)moe_run_area_at(area, a->scores_offset) + first * E, f->probs,
+           (size_t)(n * E) * sizeof(float));
+    memcpy((int32_t *)moe_run_area_at(area, a->ids_offset) + first * K, f->ids,
+           (size_t)(n * K) * sizeof(int32_t));
+    memcpy((float *)moe_run_area_at(area, a->weights_offset) + first * K, f->weights,
+           (size_t)(n * K) * sizeof(float));
+}
+
+/* Copies the rows this rank received, in receive order, into the dump.
+ * Ranks store theirs one after another in rank order, so this rank's rows
+ * start after everything the lower ranks received. */
+static void dump_received(const struct moe_dist_rank *f, void *area,
+                          int64_t received_rows)
+{
+    const struct moe_run_area *a = area;
+    int64_t E = a->shape.experts, H = a->shape.hidden, before = 0;
+    for (int r = 0; r < f->comm->rank; r++) {
+        int64_t first, count;
+        moe_block_range(E, f->comm->ranks, r, &first, &count);
+        for (int src = 0; src < f->comm->ranks; src++)
+            for (int64_t e = first; e < first + count; e++)
+                before += f->all_counts[src * E + e];
+    }
+    memcpy((float *)moe_run_area_at(area, a->recv_x_offset) + before * H, f->recv_rows,
+           (size_t)(received_rows * H) * sizeof(float));
+}
+
+/* Copies the expert outputs that came home, by (token, slot), and the
+ * shared expert rows into the dump. */
+static void dump_combine(const struct moe_dist_rank *f, void *area)
+{
+    const struct moe_run_area *a = area;
+    int64_t H = a->shape.hidden, K = a->shape.top_k, n = f->tokens;
+    float *expert_out = (float *)moe_run_area_at(area, a->expert_out_offset) +
+                        f->token_first * K * H;
+    for (int64_t i = 0; i < n * K; i++)
+        memcpy(expert_out + f->order[i] * H, f->send_rows + i * H,
+               (size_t)H * sizeof(float));
+    if (f->shared_out)
+        memcpy((float *)moe_run_area_at(area, a->shared_out_offset) + f->token_first * H,
+               f->shared_out, (size_t)(n * H) * sizeof(float));
 }
 
 int moe_dist_forward(struct moe_dist_rank *f)
@@ -353,6 +451,9 @@ int moe_dist_forward(struct moe_dist_rank *f)
     end_step(f, MOE_STEP_ROUTE);
     if (rc)
         return rc;
+    struct moe_run_area *run = area;
+    if (run->dump)
+        dump_route(f, area);
 
     /* Layout exchange. */
     begin_step(f, MOE_STEP_LAYOUT);
@@ -389,6 +490,8 @@ int moe_dist_forward(struct moe_dist_rank *f)
     if (rc == 0)
         rc = moe_alltoallv(comm, f->send_rows, send_bytes, send_offsets, f->recv_rows,
                            recv_bytes, recv_offsets);
+    if (rc == 0 && run->dump)
+        dump_received(f, area, received_rows);
     if (rc == 0) /* source-major to expert-major, token-ordered rows */
         reorder_rows(f, E, H, recv_first_row, f->recv_rows, f->expert_in, 1);
     end_step(f, MOE_STEP_DISPATCH);
@@ -406,6 +509,8 @@ int moe_dist_forward(struct moe_dist_rank *f)
                            f->expert_out + expert_row * H);
         expert_row += rows;
     }
+    moe_shared_expert_forward(in->weights, in->tokens + f->token_first * H,
+                              f->token_first, n, f->shared_scratch, f->shared_out);
     end_step(f, MOE_STEP_COMPUTE);
 
     /* Combine: put the outputs back in source-major order, send them home
@@ -417,8 +522,12 @@ int moe_dist_forward(struct moe_dist_rank *f)
     if (rc == 0) {
         for (int64_t i = 0; i < n * K; i++)
             f->slot_rows[f->order[i]] = f->send_rows + i * H;
-        moe_combine(n, H, K, f->weights, f->slot_rows,
-                    moe_run_area_output(area) + f->token_first * H);
+        float *out = moe_run_area_output(area) + f->token_first * H;
+        moe_combine(n, H, K, f->weights, f->slot_rows, out);
+        if (f->shared_out)
+            moe_add_shared(out, f->shared_out, n, H);
+        if (run->dump)
+            dump_combine(f, area);
     }
     end_step(f, MOE_STEP_COMBINE);
     return rc;

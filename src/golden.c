@@ -3,7 +3,8 @@
  *
  * No processes, no shared memory: route all T tokens, gather each expert's
  * rows in global token order into one expert-major buffer, run each expert
- * once over all of its rows, and combine. The distributed ranks build the
+ * once over all of its rows, run the shared expert in its fixed tiles, and
+ * combine. The distributed ranks build the
  * same per-expert matrices, which is what makes their output bitwise equal
  * to this one.
  *
@@ -33,7 +34,12 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
     float *expert_in = moe_alloc_large((size_t)(T * K * H + 1) * sizeof(float));
     float *expert_out = moe_alloc_large((size_t)(T * K * H + 1) * sizeof(float));
     const float **rows = malloc((size_t)(T * K + 1) * sizeof(*rows));
-    float *scratch = NULL;
+    float *scratch = NULL, *shared_scratch = NULL, *shared_out = NULL;
+    if (info) {
+        int want_stages = info->want_stages;
+        memset(info, 0, sizeof *info);
+        info->want_stages = want_stages;
+    }
     if (!logits || !probs || !ids || !route_weights || !counts || !offsets ||
         !expert_in || !expert_out || !rows) {
         rc = moe_fail(-ENOMEM, "golden path: out of memory for %lld tokens",
@@ -43,7 +49,8 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
 
     /* Route. */
     moe_gate_logits(x, weights->gate, T, H, E, logits);
-    moe_route_topk(logits, T, E, K, probs, ids, route_weights);
+    moe_route(&weights->router, weights->score_bias, logits, T, E, K, probs, ids,
+              route_weights);
 
     /* Count rows per expert; an expert's block starts after all lower ones. */
     for (int64_t i = 0; i < T * K; i++)
@@ -85,9 +92,37 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
                            weights->w2 + e * H * F, scratch,
                            expert_out + offsets[e] * H);
 
-    /* Combine. */
-    moe_combine(T, H, K, route_weights, rows, out);
+    /* The shared expert, over all tokens in its fixed tiles. */
+    if (s->shared_ffn > 0) {
+        shared_scratch = moe_alloc_large(
+            (size_t)moe_shared_scratch_floats(H, s->shared_ffn) * sizeof(float));
+        shared_out = moe_alloc_large((size_t)(T * H + 1) * sizeof(float));
+        if (!shared_scratch || !shared_out) {
+            rc = moe_fail(-ENOMEM, "golden path: out of memory for the shared expert");
+            goto out;
+        }
+        moe_shared_expert_forward(weights, x, 0, T, shared_scratch, shared_out);
+    }
 
+    /* Combine, then add the shared expert. */
+    moe_combine(T, H, K, route_weights, rows, out);
+    if (shared_out)
+        moe_add_shared(out, shared_out, T, H);
+
+    if (info && info->want_stages) {
+        float *slot_out = moe_alloc_large((size_t)(T * K * H + 1) * sizeof(float));
+        if (!slot_out) {
+            rc = moe_fail(-ENOMEM, "golden path: out of memory for the stages");
+            goto out;
+        }
+        for (int64_t i = 0; i < T * K; i++)
+            memcpy(slot_out + i * H, rows[i], (size_t)H * sizeof(float));
+        info->expert_out = slot_out;
+        info->logits = logits;
+        info->scores = probs;
+        info->shared_out = shared_out;
+        logits = probs = shared_out = NULL;
+    }
     if (info) {
         info->tokens_per_expert = counts;
         info->expert_ids = ids;
@@ -108,6 +143,8 @@ out:
     free(expert_out);
     free(rows);
     free(scratch);
+    free(shared_scratch);
+    free(shared_out);
     return rc;
 }
 
@@ -116,7 +153,11 @@ void moe_golden_info_free(struct moe_golden_info *info)
     free(info->tokens_per_expert);
     free(info->expert_ids);
     free(info->weights);
-    info->tokens_per_expert = NULL;
-    info->expert_ids = NULL;
-    info->weights = NULL;
+    free(info->logits);
+    free(info->scores);
+    free(info->expert_out);
+    free(info->shared_out);
+    int want_stages = info->want_stages;
+    memset(info, 0, sizeof *info);
+    info->want_stages = want_stages;
 }

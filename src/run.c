@@ -339,7 +339,7 @@ static int run_blocked(struct moe_run_result *result)
     struct moe_launch_config config = {
         .ranks = o->ranks,
         .ring_capacity = o->ring_bytes,
-        .app_bytes = moe_run_area_bytes(s, o->ranks),
+        .app_bytes = moe_run_area_bytes(s, o->ranks, 0),
         .timeout_ns = (int64_t)(o->timeout_seconds * 1e9),
         .rank_main = moe_dist_rank_main,
         .arg = &input,
@@ -347,7 +347,7 @@ static int run_blocked(struct moe_run_result *result)
     if ((rc = moe_launch_create(&launch, &config)))
         goto out;
     void *area = moe_segment_app(launch.segment);
-    moe_run_area_init(area, s, o->ranks);
+    moe_run_area_init(area, s, o->ranks, 0);
 
     rc = moe_launch_run(&launch);
     result->forward_ns = launch.elapsed_ns;

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 
 void moe_blas_init(void)
@@ -61,43 +62,98 @@ void moe_fill_uniform(float *dst, int64_t count, uint64_t seed,
     }
 }
 
-int moe_weights_init_random(struct moe_weights *weights,
-                            const struct moe_shape *shape, uint64_t seed)
+int moe_weights_alloc(struct moe_weights *w, const struct moe_shape *shape,
+                      int with_score_bias, int with_shared_gate)
 {
-    int64_t H = shape->hidden, F = shape->ffn, E = shape->experts;
-    weights->shape = *shape;
-    weights->gate = malloc((size_t)(E * H) * sizeof(float));
-    weights->w1 = moe_alloc_large((size_t)(E * F * H) * sizeof(float));
-    weights->w3 = moe_alloc_large((size_t)(E * F * H) * sizeof(float));
-    weights->w2 = moe_alloc_large((size_t)(E * H * F) * sizeof(float));
-    if (!weights->gate || !weights->w1 || !weights->w3 || !weights->w2) {
-        moe_weights_free(weights);
+    int64_t H = shape->hidden, F = shape->ffn, E = shape->experts,
+            Fs = shape->shared_ffn;
+    memset(w, 0, sizeof *w);
+    w->shape = *shape;
+    moe_router_default(&w->router);
+    w->gate = malloc((size_t)(E * H) * sizeof(float));
+    w->w1 = moe_alloc_large((size_t)(E * F * H) * sizeof(float));
+    w->w3 = moe_alloc_large((size_t)(E * F * H) * sizeof(float));
+    w->w2 = moe_alloc_large((size_t)(E * H * F) * sizeof(float));
+    int failed = !w->gate || !w->w1 || !w->w3 || !w->w2;
+    if (with_score_bias) {
+        w->score_bias = malloc((size_t)E * sizeof(float));
+        failed = failed || !w->score_bias;
+    }
+    if (Fs > 0) {
+        w->shared_w1 = moe_alloc_large((size_t)(Fs * H) * sizeof(float));
+        w->shared_w3 = moe_alloc_large((size_t)(Fs * H) * sizeof(float));
+        w->shared_w2 = moe_alloc_large((size_t)(H * Fs) * sizeof(float));
+        failed = failed || !w->shared_w1 || !w->shared_w3 || !w->shared_w2;
+        if (with_shared_gate) {
+            w->shared_gate = malloc((size_t)H * sizeof(float));
+            failed = failed || !w->shared_gate;
+        }
+    }
+    if (failed) {
+        moe_weights_free(w);
         return moe_fail(-ENOMEM, "out of memory for the weights of %lld experts "
                         "of %lld x %lld", (long long)E, (long long)F, (long long)H);
-    }
-
-    /* x is uniform in [-1, 1) with variance 1/3; a gate scale of 3/sqrt(H)
-     * gives logits with a standard deviation of about 1. */
-    moe_fill_uniform(weights->gate, E * H, seed, MOE_STREAM_GATE, 0, 0,
-                     3.0f / sqrtf((float)H));
-    for (int64_t e = 0; e < E; e++) {
-        moe_fill_uniform(weights->w1 + e * F * H, F * H, seed, MOE_STREAM_W1,
-                         (uint32_t)e, 0, 1.0f / sqrtf((float)H));
-        moe_fill_uniform(weights->w3 + e * F * H, F * H, seed, MOE_STREAM_W3,
-                         (uint32_t)e, 0, 1.0f / sqrtf((float)H));
-        moe_fill_uniform(weights->w2 + e * H * F, H * F, seed, MOE_STREAM_W2,
-                         (uint32_t)e, 0, 1.0f / sqrtf((float)F));
     }
     return 0;
 }
 
-void moe_weights_free(struct moe_weights *weights)
+void moe_weights_fill_random(struct moe_weights *w, uint64_t seed)
 {
-    free(weights->gate);
-    free(weights->w1);
-    free(weights->w3);
-    free(weights->w2);
-    weights->gate = weights->w1 = weights->w3 = weights->w2 = NULL;
+    int64_t H = w->shape.hidden, F = w->shape.ffn, E = w->shape.experts,
+            Fs = w->shape.shared_ffn;
+
+    /* x is uniform in [-1, 1) with variance 1/3; a gate scale of 3/sqrt(H)
+     * gives logits with a standard deviation of about 1. */
+    moe_fill_uniform(w->gate, E * H, seed, MOE_STREAM_GATE, 0, 0,
+                     3.0f / sqrtf((float)H));
+    for (int64_t e = 0; e < E; e++) {
+        moe_fill_uniform(w->w1 + e * F * H, F * H, seed, MOE_STREAM_W1,
+                         (uint32_t)e, 0, 1.0f / sqrtf((float)H));
+        moe_fill_uniform(w->w3 + e * F * H, F * H, seed, MOE_STREAM_W3,
+                         (uint32_t)e, 0, 1.0f / sqrtf((float)H));
+        moe_fill_uniform(w->w2 + e * H * F, H * F, seed, MOE_STREAM_W2,
+                         (uint32_t)e, 0, 1.0f / sqrtf((float)F));
+    }
+    /* Sigmoid scores of such logits spread over about 0.2, so a bias of up
+     * to 0.1 changes some selections without deciding all of them. */
+    if (w->score_bias)
+        moe_fill_uniform(w->score_bias, E, seed, MOE_STREAM_SCORE_BIAS, 0, 0, 0.1f);
+    if (w->shared_w1) {
+        moe_fill_uniform(w->shared_w1, Fs * H, seed, MOE_STREAM_SHARED_W1, 0, 0,
+                         1.0f / sqrtf((float)H));
+        moe_fill_uniform(w->shared_w3, Fs * H, seed, MOE_STREAM_SHARED_W3, 0, 0,
+                         1.0f / sqrtf((float)H));
+        moe_fill_uniform(w->shared_w2, H * Fs, seed, MOE_STREAM_SHARED_W2, 0, 0,
+                         1.0f / sqrtf((float)Fs));
+    }
+    if (w->shared_gate)
+        moe_fill_uniform(w->shared_gate, H, seed, MOE_STREAM_SHARED_GATE, 0, 0,
+                         3.0f / sqrtf((float)H));
+}
+
+int moe_weights_init_random(struct moe_weights *weights,
+                            const struct moe_shape *shape, uint64_t seed)
+{
+    int rc = moe_weights_alloc(weights, shape, 0, 0);
+    if (rc == 0)
+        moe_weights_fill_random(weights, seed);
+    return rc;
+}
+
+void moe_weights_free(struct moe_weights *w)
+{
+    free(w->gate);
+    free(w->w1);
+    free(w->w3);
+    free(w->w2);
+    free(w->score_bias);
+    free(w->shared_w1);
+    free(w->shared_w3);
+    free(w->shared_w2);
+    free(w->shared_gate);
+    struct moe_shape shape = w->shape;
+    memset(w, 0, sizeof *w);
+    w->shape = shape;
 }
 
 void moe_tokens_random(float *x, int64_t first, int64_t count, int64_t hidden,

@@ -37,7 +37,7 @@ static float *run_layer(int ranks, int64_t T, int64_t H, int64_t F, int64_t E,
     struct moe_run_options o;
     moe_run_options_default(&o);
     o.ranks = ranks;
-    o.shape = (struct moe_shape){T, H, F, E, K};
+    o.shape = (struct moe_shape){T, H, F, E, K, 0};
     o.seed = seed;
     o.timeout_seconds = 20;
     o.ring_bytes = 4096; /* small, so that rows go through in many chunks */
@@ -133,7 +133,7 @@ Test(distributed, corrupted_output_is_reported, .timeout = 60)
     struct moe_run_options o;
     moe_run_options_default(&o);
     o.ranks = 3;
-    o.shape = (struct moe_shape){20, 16, 24, 4, 2};
+    o.shape = (struct moe_shape){20, 16, 24, 4, 2, 0};
     struct moe_run_result r;
     int rc = moe_run(&o, &r);
     unsetenv("MOE_EP_CORRUPT_OUTPUT");

@@ -18,7 +18,7 @@ struct layer_case {
  * compares them token by token. */
 static void compare_with_reference(struct layer_case c)
 {
-    struct moe_shape shape = {c.tokens, c.hidden, c.ffn, c.experts, c.top_k};
+    struct moe_shape shape = {c.tokens, c.hidden, c.ffn, c.experts, c.top_k, 0};
     struct moe_weights w;
     cr_assert_eq(moe_weights_init_random(&w, &shape, c.seed), 0);
     int64_t T = c.tokens, H = c.hidden, K = c.top_k;
@@ -30,7 +30,7 @@ static void compare_with_reference(struct layer_case c)
     moe_tokens_random(x, 0, T, H, c.seed);
 
     moe_blas_init();
-    struct moe_golden_info info;
+    struct moe_golden_info info = {0};
     cr_assert_eq(moe_golden_forward(&w, x, out, &info), 0);
     cr_assert_eq(moe_reference_forward(&w, x, ref, ref_ids, gap), 0);
 
@@ -84,7 +84,7 @@ Test(golden, reference_differs_from_wrong_layer)
 {
     /* The comparison above can fail: a layer with one expert's weights
      * changed must be flagged. */
-    struct moe_shape shape = {16, 24, 40, 4, 2};
+    struct moe_shape shape = {16, 24, 40, 4, 2, 0};
     struct moe_weights w;
     cr_assert_eq(moe_weights_init_random(&w, &shape, 21), 0);
     float *x = malloc(sizeof(float) * 16 * 24);
