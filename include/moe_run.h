@@ -21,6 +21,14 @@ struct moe_run_options {
     uint64_t ring_bytes;      /* data bytes per ring */
     int tokens_given;         /* --tokens was on the command line */
     int hidden_given;         /* --hidden was on the command line */
+    int shape_flag_given;     /* --hidden, --ffn, --experts or --top-k */
+    const char *model_dir;    /* Hugging Face checkpoint, or NULL */
+    int64_t layer;            /* MoE layer of model_dir; -1 for the first */
+    const char *dump_dir;     /* directory for the stage dumps, or NULL */
+    /* Router overrides, applied to random and checkpoint layers: */
+    int scoring;              /* enum moe_scoring, or -1 */
+    int renormalize;          /* 0 or 1, or -1 */
+    double scaling_factor;    /* or NAN */
 };
 
 /* Fills the built-in defaults: 4 ranks and a Mixtral-like shape scaled down
@@ -54,6 +62,18 @@ struct moe_compare {
 void moe_compare_bits(const float *actual, const float *expected, int64_t count,
                       struct moe_compare *result);
 
+/* The stages of one forward, as `--dump` writes them (see docs/DUMPS.md). */
+enum moe_stage {
+    MOE_STAGE_LOGITS,     /* float (T, E) */
+    MOE_STAGE_SCORES,     /* float (T, E) */
+    MOE_STAGE_IDS,        /* int32 (T, K) */
+    MOE_STAGE_WEIGHTS,    /* float (T, K) */
+    MOE_STAGE_RECV_X,     /* float (T * K, H), rank-major receive order */
+    MOE_STAGE_EXPERT_OUT, /* float (T, K, H) */
+    MOE_STAGE_SHARED_OUT, /* float (T, H), with a shared expert only */
+    MOE_STAGE_COUNT
+};
+
 /* Everything `moe-ep run` measured, for the report. */
 struct moe_run_result {
     struct moe_run_options options;
@@ -65,6 +85,15 @@ struct moe_run_result {
     int64_t forward_ns;   /* launch to last rank exit */
     int64_t golden_ns;
     struct moe_compare check;
+    const char *family;   /* model_type, or "random" */
+    struct moe_router router;
+    int64_t layer;        /* the checkpoint layer, or -1 */
+    /* With --dump: the distributed run's stages, each checked bit for bit
+     * against the golden path's (recv_x against the token rows it must
+     * hold). */
+    void *stage[MOE_STAGE_COUNT];
+    struct moe_compare stage_check[MOE_STAGE_COUNT];
+    int stage_mismatch;   /* the first stage that differs, or -1 */
     /* Set when the ranks failed: the launcher's view and one line per
      * failed rank. */
     int launcher_signal;

@@ -7,6 +7,7 @@
  */
 #include "moe_bench.h"
 #include "moe_error.h"
+#include "moe_make_layer.h"
 #include "moe_run.h"
 
 #include <errno.h>
@@ -29,6 +30,8 @@ static void usage(FILE *out)
         "          bit for bit against a single-process golden path\n"
         "  bench   measure the forward time and the all-to-all bandwidth against\n"
         "          the sgemm and memcpy floors of this machine\n"
+        "  make-layer  write a MoE layer with seeded random weights as a Hugging\n"
+        "          Face checkpoint of a model family\n"
         "  help    show this text\n"
         "\n"
         "moe-ep COMMAND --help describes each command's options.\n");
@@ -72,7 +75,7 @@ static int command_run(int argc, char **argv)
     }
 
     moe_run_print_report(stdout, &result);
-    int status = result.check.equal ? 0 : EXIT_MISMATCH;
+    int status = result.check.equal && result.stage_mismatch < 0 ? 0 : EXIT_MISMATCH;
     moe_run_result_free(&result);
     return status;
 }
@@ -98,6 +101,24 @@ static int command_bench(int argc, char **argv)
     return 0;
 }
 
+static int command_make_layer(int argc, char **argv)
+{
+    struct moe_make_layer_options options;
+    int rc = moe_make_layer_parse(&options, argc, argv);
+    if (rc == 1) {
+        moe_make_layer_usage(stdout);
+        return 0;
+    }
+    if (rc == 0)
+        rc = moe_make_layer(&options);
+    if (rc) {
+        fprintf(stderr, "moe-ep make-layer: %s\n", moe_error_message());
+        return exit_status_for(rc);
+    }
+    printf("wrote the %s layer to %s\n", options.family->model_type, options.out_dir);
+    return 0;
+}
+
 /* Makes a report that could not be written a runtime failure, so that a
  * full disk or a closed pipe is never reported as success. */
 static int check_stdout(int status)
@@ -120,12 +141,14 @@ int main(int argc, char **argv)
         return check_stdout(command_run(argc - 2, argv + 2));
     if (!strcmp(command, "bench"))
         return check_stdout(command_bench(argc - 2, argv + 2));
+    if (!strcmp(command, "make-layer"))
+        return check_stdout(command_make_layer(argc - 2, argv + 2));
     if (!strcmp(command, "help") || !strcmp(command, "-h") ||
         !strcmp(command, "--help")) {
         usage(stdout);
         return check_stdout(0);
     }
-    fprintf(stderr, "moe-ep: unknown command '%s'; expected run, bench or help\n",
+    fprintf(stderr, "moe-ep: unknown command '%s'; expected run, bench, make-layer, compare or help\n",
             command);
     return EXIT_USAGE;
 }

@@ -3,6 +3,7 @@
  *
  * Prints to the stream it is given and touches no other state.
  */
+#include "moe_dump.h"
 #include "moe_run.h"
 
 #include <inttypes.h>
@@ -24,6 +25,47 @@ static double imbalance(const int64_t *values, int64_t count)
             max = values[i];
     }
     return sum == 0 ? 0.0 : (double)max * (double)count / (double)sum;
+}
+
+static void print_layer(FILE *out, const struct moe_run_result *r)
+{
+    static const char *const scorings[] = {"softmax-topk", "topk-softmax", "sigmoid"};
+    const struct moe_run_options *o = &r->options;
+    const struct moe_router *router = &r->router;
+    if (o->model_dir)
+        fprintf(out, "  layer: %s layer %" PRId64 " of %s\n", r->family, r->layer,
+                o->model_dir);
+    else
+        fprintf(out, "  layer: random weights, seed %" PRIu64 "\n", o->seed);
+    fprintf(out, "  router: %s, renormalize %s, scaling factor %g",
+            scorings[router->scoring], router->renormalize ? "on" : "off",
+            (double)router->scaling_factor);
+    if (router->groups > 1)
+        fprintf(out, ", %" PRId64 " of %" PRId64 " groups", router->topk_groups,
+                router->groups);
+    if (o->shape.shared_ffn > 0)
+        fprintf(out, "; shared expert of width %" PRId64, o->shape.shared_ffn);
+    fprintf(out, "\n");
+}
+
+/* Prints the bitwise check of each dumped stage against the golden path. */
+static void print_stage_checks(FILE *out, const struct moe_run_result *r)
+{
+    fprintf(out, "\nstages dumped to %s, each checked against the golden path:\n",
+            r->options.dump_dir);
+    for (int i = 0; i < MOE_STAGE_COUNT; i++) {
+        const struct moe_compare *c = &r->stage_check[i];
+        if (!r->stage[i])
+            continue;
+        if (c->equal)
+            fprintf(out, "  %-14s bitwise equal\n", moe_stage_name(i));
+        else
+            fprintf(out, "  %-14s MISMATCH: %" PRId64 " elements differ, the first "
+                    "at index %" PRId64 "\n", moe_stage_name(i), c->mismatches,
+                    c->first);
+    }
+    if (r->stage_mismatch >= 0)
+        fprintf(out, "  first stage that differs: %s\n", moe_stage_name(r->stage_mismatch));
 }
 
 static void print_routing(FILE *out, const struct moe_run_result *r)
@@ -133,9 +175,12 @@ void moe_run_print_report(FILE *out, const struct moe_run_result *r)
             o->input_path ? o->input_path : "random", o->seed, o->ring_bytes,
             o->ranks * o->ranks, o->timeout_seconds, sysconf(_SC_NPROCESSORS_ONLN));
 
+    print_layer(out, r);
     print_routing(out, r);
     print_traffic(out, r);
     print_steps(out, r);
+    if (o->dump_dir)
+        print_stage_checks(out, r);
 
     const struct moe_compare *c = &r->check;
     if (c->equal) {

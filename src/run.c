@@ -11,7 +11,9 @@
 #include "moe_run.h"
 #include "moe_args.h"
 #include "moe_dist.h"
+#include "moe_dump.h"
 #include "moe_error.h"
+#include "moe_model.h"
 #include "moe_npy.h"
 
 #include <errno.h>
@@ -37,6 +39,10 @@ void moe_run_options_default(struct moe_run_options *o)
         .seed = 1,
         .timeout_seconds = 60.0,
         .ring_bytes = 0, /* moe_ring_default_capacity(ranks) */
+        .layer = -1,
+        .scoring = -1,
+        .renormalize = -1,
+        .scaling_factor = NAN,
     };
 }
 
@@ -59,9 +65,21 @@ void moe_run_usage(FILE *out)
         "  --experts E       experts, split over the ranks in contiguous blocks [8]\n"
         "  --top-k K         experts per token, 1 to E [2]\n"
         "  --seed S          seed that draws the weights and the tokens [1]\n"
-        "  --input FILE      .npy float32 array (T, H) of tokens, used instead of\n"
-        "                    random ones; sets T and H\n"
+        "  --model DIR       run a layer of the Hugging Face checkpoint in DIR\n"
+        "                    (config.json and safetensors) instead of a random\n"
+        "                    one; its config sets H, F, E, K and the router\n"
+        "  --layer L         the MoE layer of --model to run [the first]\n"
+        "  --router R        override the router: softmax-topk, topk-softmax or\n"
+        "                    sigmoid [mixtral's softmax-topk, or the model's]\n"
+        "  --renormalize on|off  divide the top-k weights by their sum [on, or\n"
+        "                    the model's norm_topk_prob]\n"
+        "  --scaling-factor X  multiply the top-k weights by X [1, or the\n"
+        "                    model's routed_scaling_factor]\n"
+        "  --input FILE      .npy array (T, H) of tokens, float32, float16 or\n"
+        "                    float64, used instead of random ones; sets T and H\n"
         "  --output FILE     write the layer output (T, H) as a float32 .npy file\n"
+        "  --dump DIR        write every stage of the forward as .npy files into\n"
+        "                    DIR (see docs/DUMPS.md) and check each bit for bit\n"
         "  --timeout SECONDS fail a wait on a peer after this long without\n"
         "                    progress [60]\n"
         "  --ring-size BYTES data bytes of each of the R*R rings, a power of two\n"
@@ -85,11 +103,16 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
             return 1;
         static const char *const known[] = {
             "--ranks", "--tokens", "--hidden", "--ffn", "--experts", "--top-k",
-            "--seed", "--input", "--output", "--timeout", "--ring-size", NULL,
+            "--seed", "--input", "--output", "--timeout", "--ring-size", "--model",
+            "--layer", "--dump", "--router", "--renormalize", "--scaling-factor", NULL,
         };
         const char *text;
         if ((rc = moe_next_option("run", known, argc, argv, &i, &text)))
             return rc;
+
+        if (!strcmp(flag, "--hidden") || !strcmp(flag, "--ffn") ||
+            !strcmp(flag, "--experts") || !strcmp(flag, "--top-k"))
+            o->shape_flag_given = 1;
 
         if (!strcmp(flag, "--ranks")) {
             if ((rc = moe_parse_int64(flag, text, 1, MOE_MAX_RANKS, &v)))
@@ -122,6 +145,34 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
         } else if (!strcmp(flag, "--timeout")) {
             if ((rc = moe_parse_double(flag, text, 0.001, 86400.0, &o->timeout_seconds)))
                 return rc;
+        } else if (!strcmp(flag, "--model")) {
+            o->model_dir = text;
+        } else if (!strcmp(flag, "--layer")) {
+            if ((rc = moe_parse_int64(flag, text, 0, INT64_C(1) << 24, &o->layer)))
+                return rc;
+        } else if (!strcmp(flag, "--dump")) {
+            if (!text[0])
+                return moe_fail(-EINVAL, "invalid --dump value '': expected a "
+                                "directory name");
+            o->dump_dir = text;
+        } else if (!strcmp(flag, "--router")) {
+            if (!strcmp(text, "softmax-topk"))
+                o->scoring = MOE_SCORING_SOFTMAX_TOPK;
+            else if (!strcmp(text, "topk-softmax"))
+                o->scoring = MOE_SCORING_TOPK_SOFTMAX;
+            else if (!strcmp(text, "sigmoid"))
+                o->scoring = MOE_SCORING_SIGMOID;
+            else
+                return moe_fail(-EINVAL, "invalid --router value '%s': expected "
+                                "softmax-topk, topk-softmax or sigmoid", text);
+        } else if (!strcmp(flag, "--renormalize")) {
+            if (strcmp(text, "on") && strcmp(text, "off"))
+                return moe_fail(-EINVAL, "invalid --renormalize value '%s': "
+                                "expected on or off", text);
+            o->renormalize = !strcmp(text, "on");
+        } else if (!strcmp(flag, "--scaling-factor")) {
+            if ((rc = moe_parse_double(flag, text, 0.0, 1e6, &o->scaling_factor)))
+                return rc;
         } else if (!strcmp(flag, "--ring-size")) {
             if ((rc = moe_parse_bytes(flag, text, MOE_RING_MIN_CAPACITY, 1ULL << 30,
                                       &o->ring_bytes)))
@@ -136,7 +187,12 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
     }
     if (o->ring_bytes == 0)
         o->ring_bytes = moe_ring_default_capacity(o->ranks);
-    if (o->shape.top_k > o->shape.experts)
+    if (o->model_dir && o->shape_flag_given)
+        return moe_fail(-EINVAL, "--hidden, --ffn, --experts and --top-k cannot be "
+                        "used with --model: the model's config.json sets them");
+    if (o->layer >= 0 && !o->model_dir)
+        return moe_fail(-EINVAL, "--layer needs --model");
+    if (!o->model_dir && o->shape.top_k > o->shape.experts)
         return moe_fail(-EINVAL, "invalid --top-k value %" PRId64 ": it exceeds "
                         "--experts %" PRId64, o->shape.top_k, o->shape.experts);
     return 0;
@@ -145,6 +201,7 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
 int moe_run_check_memory(const struct moe_shape *s)
 {
     double floats = 3.0 * (double)s->experts * (double)s->ffn * (double)s->hidden +
+                    3.0 * (double)s->shared_ffn * (double)s->hidden +
                     /* tokens, output, golden output */
                     3.0 * (double)s->tokens * (double)s->hidden +
                     /* golden and rank buffers, about (T*K, H) each */
@@ -182,7 +239,7 @@ static int load_tokens(struct moe_run_options *o, float **tokens)
     double rows_per_token = 3.0 + 6.0 * (double)o->shape.top_k;
     uint64_t limit = memory > 0 ? (uint64_t)(0.8 * memory / rows_per_token)
                                 : UINT64_MAX;
-    int rc = moe_npy_read_f32_limited(o->input_path, limit, tokens, &rows, &cols);
+    int rc = moe_npy_read_as_f32(o->input_path, limit, tokens, &rows, &cols);
     if (rc == -ENOMEM)
         return rc;
     if (rc) /* a missing or unreadable file is bad input too */
@@ -193,13 +250,15 @@ static int load_tokens(struct moe_run_options *o, float **tokens)
         conflict = "--tokens";
     else if (o->hidden_given && cols != o->shape.hidden)
         conflict = "--hidden";
+    else if (o->model_dir && cols != o->shape.hidden)
+        conflict = "the model's hidden_size";
     if (conflict) {
         free(*tokens);
         *tokens = NULL;
         return moe_fail(-EINVAL, "invalid --input file '%s': its shape is (%"
                         PRId64 ", %" PRId64 "), but %s is %" PRId64, o->input_path,
                         rows, cols, conflict,
-                        conflict[2] == 't' ? o->shape.tokens : o->shape.hidden);
+                        !strcmp(conflict, "--tokens") ? o->shape.tokens : o->shape.hidden);
     }
     if (rows < 1 || rows > MAX_TOKENS || cols < 1 || cols > MAX_HIDDEN) {
         free(*tokens);
@@ -277,6 +336,102 @@ static int pending_stop_signal(void)
 
 static int run_blocked(struct moe_run_result *result);
 
+/* Applies --router, --renormalize and --scaling-factor to the layer's
+ * router and checks the result. */
+static int apply_router_options(const struct moe_run_options *o, struct moe_weights *w)
+{
+    if (o->scoring >= 0)
+        w->router.scoring = (enum moe_scoring)o->scoring;
+    if (o->renormalize >= 0)
+        w->router.renormalize = o->renormalize;
+    if (!isnan(o->scaling_factor))
+        w->router.scaling_factor = (float)o->scaling_factor;
+    int rc = moe_router_check(&w->router, &w->shape);
+    if (rc)
+        return moe_fail(rc, "invalid router options: %s", moe_error_message());
+    return 0;
+}
+
+/* Builds a random layer and its tokens from the options. */
+static int build_random_layer(struct moe_run_result *result, float **tokens,
+                              struct moe_weights *weights)
+{
+    struct moe_run_options *o = &result->options;
+    int rc;
+    /* Check the memory first when the shape is known, so that a layer too
+     * large for this machine is rejected before anything is allocated. */
+    if (!o->input_path && (rc = moe_run_check_memory(&o->shape)))
+        return rc;
+    if ((rc = load_tokens(o, tokens)) || (rc = moe_run_check_memory(&o->shape)) ||
+        (rc = moe_weights_init_random(weights, &o->shape, o->seed)))
+        return rc;
+    result->family = "random";
+    return 0;
+}
+
+/* Reads layer --layer of --model, and the tokens. */
+static int build_model_layer(struct moe_run_result *result, float **tokens,
+                             struct moe_weights *weights)
+{
+    struct moe_run_options *o = &result->options;
+    struct moe_model_config config;
+    int rc = moe_model_read_config(o->model_dir, &config);
+    if (rc)
+        return rc;
+    int64_t layer = o->layer >= 0 ? o->layer : moe_model_first_moe_layer(&config);
+    if (layer < 0) {
+        rc = moe_fail(-EINVAL, "invalid --model '%s': %s describes no MoE layer",
+                      o->model_dir, config.path);
+        goto out;
+    }
+    moe_model_shape(&config, o->shape.tokens, &o->shape);
+    if (!moe_model_is_moe_layer(&config, layer) || (!o->input_path &&
+                                                    (rc = moe_run_check_memory(&o->shape)))) {
+        /* moe_model_load_layer() explains a dense layer */
+        if (rc == 0)
+            rc = moe_model_load_layer(o->model_dir, &config, layer, o->shape.tokens, weights);
+        goto out;
+    }
+    if ((rc = load_tokens(o, tokens)) || (rc = moe_run_check_memory(&o->shape)) ||
+        (rc = moe_model_load_layer(o->model_dir, &config, layer, o->shape.tokens, weights)))
+        goto out;
+    result->family = config.family->model_type;
+    result->layer = layer;
+out:
+    moe_model_config_free(&config);
+    return rc;
+}
+
+/* Copies the stage arrays out of the run area before the segment goes. */
+static int copy_stages(struct moe_run_result *result, void *area)
+{
+    const struct moe_run_area *a = area;
+    const struct moe_shape *s = &a->shape;
+    uint64_t offsets[MOE_STAGE_COUNT] = {
+        [MOE_STAGE_LOGITS] = a->logits_offset,   [MOE_STAGE_SCORES] = a->scores_offset,
+        [MOE_STAGE_IDS] = a->ids_offset,         [MOE_STAGE_WEIGHTS] = a->weights_offset,
+        [MOE_STAGE_RECV_X] = a->recv_x_offset,   [MOE_STAGE_EXPERT_OUT] = a->expert_out_offset,
+        [MOE_STAGE_SHARED_OUT] = a->shared_out_offset,
+    };
+    int64_t counts[MOE_STAGE_COUNT] = {
+        [MOE_STAGE_LOGITS] = s->tokens * s->experts, [MOE_STAGE_SCORES] = s->tokens * s->experts,
+        [MOE_STAGE_IDS] = s->tokens * s->top_k,      [MOE_STAGE_WEIGHTS] = s->tokens * s->top_k,
+        [MOE_STAGE_RECV_X] = s->tokens * s->top_k * s->hidden,
+        [MOE_STAGE_EXPERT_OUT] = s->tokens * s->top_k * s->hidden,
+        [MOE_STAGE_SHARED_OUT] = s->tokens * s->hidden,
+    };
+    for (int i = 0; i < MOE_STAGE_COUNT; i++) {
+        if (!offsets[i])
+            continue;
+        size_t bytes = (size_t)counts[i] * 4; /* float and int32 alike */
+        result->stage[i] = moe_alloc_large(bytes + 1);
+        if (!result->stage[i])
+            return moe_fail(-ENOMEM, "out of memory for the dumped stages");
+        memcpy(result->stage[i], moe_run_area_at(area, offsets[i]), bytes);
+    }
+    return 0;
+}
+
 int moe_run(const struct moe_run_options *options, struct moe_run_result *result)
 {
     /* SIGINT, SIGTERM and SIGHUP stay blocked for the whole run. The launcher
@@ -309,19 +464,18 @@ static int run_blocked(struct moe_run_result *result)
     struct moe_launch launch = {.fd = -1};
     int rc;
 
+    result->layer = -1;
+    result->stage_mismatch = -1;
     if (o->output_path && (rc = moe_check_output_path("--output", o->output_path)))
         return rc;
-    /* Check the memory first when the shape is known, so that a layer too
-     * large for this machine is rejected before anything is allocated. */
     const struct moe_shape *s = &o->shape;
-    if (!o->input_path && (rc = moe_run_check_memory(s)))
-        return rc;
-    if ((rc = load_tokens(o, &tokens)))
-        return rc;
-    if ((rc = moe_run_check_memory(s)))
+    if (o->model_dir)
+        rc = build_model_layer(result, &tokens, &weights);
+    else
+        rc = build_random_layer(result, &tokens, &weights);
+    if (rc || (rc = apply_router_options(o, &weights)))
         goto out;
-    if ((rc = moe_weights_init_random(&weights, s, o->seed)))
-        goto out;
+    result->router = weights.router;
     moe_blas_init();
 
     int64_t values = s->tokens * s->hidden;
@@ -339,7 +493,7 @@ static int run_blocked(struct moe_run_result *result)
     struct moe_launch_config config = {
         .ranks = o->ranks,
         .ring_capacity = o->ring_bytes,
-        .app_bytes = moe_run_area_bytes(s, o->ranks, 0),
+        .app_bytes = moe_run_area_bytes(s, o->ranks, o->dump_dir != NULL),
         .timeout_ns = (int64_t)(o->timeout_seconds * 1e9),
         .rank_main = moe_dist_rank_main,
         .arg = &input,
@@ -347,7 +501,7 @@ static int run_blocked(struct moe_run_result *result)
     if ((rc = moe_launch_create(&launch, &config)))
         goto out;
     void *area = moe_segment_app(launch.segment);
-    moe_run_area_init(area, s, o->ranks, 0);
+    moe_run_area_init(area, s, o->ranks, o->dump_dir != NULL);
 
     rc = moe_launch_run(&launch);
     result->forward_ns = launch.elapsed_ns;
@@ -382,6 +536,8 @@ static int run_blocked(struct moe_run_result *result)
     memcpy(result->output, moe_run_area_output(area), (size_t)values * sizeof(float));
     memcpy(result->counts, moe_run_area_counts(area),
            (size_t)(o->ranks * s->experts) * sizeof(int64_t));
+    if (o->dump_dir && (rc = copy_stages(result, area)))
+        goto out;
     moe_launch_destroy(&launch);
     corrupt_for_testing(result->output, values);
 
@@ -391,10 +547,14 @@ static int run_blocked(struct moe_run_result *result)
         goto out;
     }
     int64_t start = moe_now_ns();
-    if ((rc = moe_golden_forward(&weights, tokens, result->golden, NULL)))
+    struct moe_golden_info golden = {.want_stages = o->dump_dir != NULL};
+    if ((rc = moe_golden_forward(&weights, tokens, result->golden, &golden)))
         goto out;
     result->golden_ns = moe_now_ns() - start;
     moe_compare_bits(result->output, result->golden, values, &result->check);
+    if (o->dump_dir)
+        moe_dump_check(result, &golden, tokens);
+    moe_golden_info_free(&golden);
 
     if ((result->launcher_signal = pending_stop_signal())) {
         rc = -ECANCELED;
@@ -402,6 +562,8 @@ static int run_blocked(struct moe_run_result *result)
     }
     if (o->output_path)
         rc = moe_npy_write_f32(o->output_path, result->output, s->tokens, s->hidden);
+    if (rc == 0 && o->dump_dir)
+        rc = moe_dump_write(o->dump_dir, result, tokens);
 
 out:
     moe_launch_destroy(&launch);
@@ -417,4 +579,8 @@ void moe_run_result_free(struct moe_run_result *result)
     free(result->counts);
     result->output = result->golden = NULL;
     result->counts = NULL;
+    for (int i = 0; i < MOE_STAGE_COUNT; i++) {
+        free(result->stage[i]);
+        result->stage[i] = NULL;
+    }
 }

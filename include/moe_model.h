@@ -1,0 +1,120 @@
+/*
+ * moe_model.h - one MoE layer of a Hugging Face checkpoint: the model
+ * families, their config.json fields and tensor names, and the loader.
+ *
+ * A checkpoint directory holds config.json and the weights as safetensors
+ * (model.safetensors, or shards listed in model.safetensors.index.json).
+ * The family is chosen by config.json's "model_type". Every weight is
+ * converted exactly to float32 (F8_E4M3 weights are dequantised with their
+ * block scales), and the layer then runs like a random one.
+ */
+#ifndef MOE_MODEL_H
+#define MOE_MODEL_H
+
+#include "moe_layer.h"
+
+#include <limits.h>
+#include <stddef.h>
+#include <stdint.h>
+
+enum moe_family_id {
+    MOE_FAMILY_MIXTRAL,
+    MOE_FAMILY_QWEN2_MOE,
+    MOE_FAMILY_QWEN3_MOE,
+    MOE_FAMILY_OLMOE,
+    MOE_FAMILY_DEEPSEEK_V3,
+    MOE_FAMILY_COUNT
+};
+
+/* Kind of shared expert a family has. */
+enum moe_shared_kind {
+    MOE_SHARED_NONE,
+    MOE_SHARED_GATED, /* Qwen2-MoE: one expert, output scaled by a sigmoid gate */
+    MOE_SHARED_PLAIN, /* DeepSeek-V3: n_shared_experts fused into one, no gate */
+};
+
+/* What differs between families in config.json and in tensor names. */
+struct moe_family {
+    enum moe_family_id id;
+    const char *model_type;    /* config.json "model_type" */
+    const char *block;         /* tensor name part after "model.layers.L." */
+    const char *proj[3];       /* expert projections: gate, up, down */
+    const char *experts_field; /* config field giving E */
+    const char *ffn_field;     /* config field giving the expert width F */
+    enum moe_shared_kind shared;
+};
+
+/* Returns the family whose model_type is `model_type`, or NULL. */
+const struct moe_family *moe_family_find(const char *model_type);
+const struct moe_family *moe_family_get(enum moe_family_id id);
+
+/* Comma-separated model_type list, for messages and help text. */
+#define MOE_FAMILY_NAMES "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3"
+
+/* The layer tensors a family can have. */
+enum moe_tensor_kind {
+    MOE_TENSOR_ROUTER,          /* (E, H) */
+    MOE_TENSOR_SCORE_BIAS,      /* (E), DeepSeek-V3 only */
+    MOE_TENSOR_EXPERT_GATE,     /* (F, H) of expert e */
+    MOE_TENSOR_EXPERT_UP,       /* (F, H) of expert e */
+    MOE_TENSOR_EXPERT_DOWN,     /* (H, F) of expert e */
+    MOE_TENSOR_SHARED_GATE,     /* (Fs, H) */
+    MOE_TENSOR_SHARED_UP,       /* (Fs, H) */
+    MOE_TENSOR_SHARED_DOWN,     /* (H, Fs) */
+    MOE_TENSOR_SHARED_EXPERT_GATE, /* (1, H), Qwen2-MoE only */
+};
+
+/* Writes the checkpoint name of a tensor of layer `layer` into buf, e.g.
+ * "model.layers.3.mlp.experts.7.gate_proj.weight". `expert` is used only by
+ * the expert kinds. Returns 0, or -EINVAL if it does not fit or the family
+ * has no such tensor. */
+int moe_tensor_name(const struct moe_family *family, int64_t layer,
+                    enum moe_tensor_kind kind, int64_t expert, char *buf,
+                    size_t size);
+
+/* The parts of config.json the layer needs. */
+struct moe_model_config {
+    const struct moe_family *family;
+    char path[PATH_MAX];      /* config.json, for messages */
+    int64_t layers;           /* num_hidden_layers */
+    int64_t hidden, ffn, experts, top_k, shared_ffn;
+    struct moe_router router;
+    /* Which layers are MoE layers: */
+    int64_t first_k_dense_replace; /* deepseek_v3, else 0 */
+    int64_t moe_layer_freq;        /* deepseek_v3, else 1 */
+    int64_t decoder_sparse_step;   /* qwen2_moe and qwen3_moe, else 1 */
+    int64_t *mlp_only_layers;      /* qwen2_moe and qwen3_moe, or NULL */
+    int64_t mlp_only_count;
+    int64_t fp8_block_rows, fp8_block_cols; /* quantization_config
+                                               weight_block_size [128, 128] */
+};
+
+/* Reads DIR/config.json with cJSON. Returns 0, or -EINVAL with a message
+ * naming the file, the field, the value and the reason (malformed JSON, an
+ * unknown model_type, a missing or mistyped field, an invalid size), or
+ * -ENOMEM or -errno. Release with moe_model_config_free(). */
+int moe_model_read_config(const char *dir, struct moe_model_config *config);
+void moe_model_config_free(struct moe_model_config *config);
+
+/* Returns 1 when layer `layer` is a MoE layer of the model, 0 when it is a
+ * dense one or out of range. */
+int moe_model_is_moe_layer(const struct moe_model_config *config, int64_t layer);
+
+/* Returns the first MoE layer, or -1 when the model has none. */
+int64_t moe_model_first_moe_layer(const struct moe_model_config *config);
+
+/* Fills `shape` from the config, with T = tokens. */
+void moe_model_shape(const struct moe_model_config *config, int64_t tokens,
+                     struct moe_shape *shape);
+
+/* Reads layer `layer` of the checkpoint in `dir` into `weights`, which gets
+ * the config's shape with T = tokens and its router. Only the tensors of
+ * that layer are read. Returns 0, or -EINVAL with a message naming the file
+ * and the tensor or field for a dense or out-of-range layer (the message
+ * names the first MoE layer), a missing tensor, a shape that does not
+ * match the config, an unsupported dtype or an invalid file; -ENOMEM or
+ * -errno otherwise. On failure nothing stays allocated. */
+int moe_model_load_layer(const char *dir, const struct moe_model_config *config,
+                         int64_t layer, int64_t tokens, struct moe_weights *weights);
+
+#endif

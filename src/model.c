@@ -1,0 +1,499 @@
+/*
+ * model.c - the model families and the loader of one MoE layer from a
+ * Hugging Face checkpoint (config.json and safetensors).
+ *
+ * Field and tensor names are those of the published checkpoints; the docs
+ * give each family's routing steps and fields in one table.
+ */
+#include "moe_model.h"
+#include "moe_error.h"
+#include "moe_safetensors.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static const struct moe_family families[MOE_FAMILY_COUNT] = {
+    {MOE_FAMILY_MIXTRAL, "mixtral", "block_sparse_moe", {"w1", "w3", "w2"},
+     "num_local_experts", "intermediate_size", MOE_SHARED_NONE},
+    {MOE_FAMILY_QWEN2_MOE, "qwen2_moe", "mlp", {"gate_proj", "up_proj", "down_proj"},
+     "num_experts", "moe_intermediate_size", MOE_SHARED_GATED},
+    {MOE_FAMILY_QWEN3_MOE, "qwen3_moe", "mlp", {"gate_proj", "up_proj", "down_proj"},
+     "num_experts", "moe_intermediate_size", MOE_SHARED_NONE},
+    {MOE_FAMILY_OLMOE, "olmoe", "mlp", {"gate_proj", "up_proj", "down_proj"},
+     "num_experts", "intermediate_size", MOE_SHARED_NONE},
+    {MOE_FAMILY_DEEPSEEK_V3, "deepseek_v3", "mlp", {"gate_proj", "up_proj", "down_proj"},
+     "n_routed_experts", "moe_intermediate_size", MOE_SHARED_PLAIN},
+};
+
+const struct moe_family *moe_family_find(const char *model_type)
+{
+    for (int i = 0; i < MOE_FAMILY_COUNT; i++)
+        if (!strcmp(families[i].model_type, model_type))
+            return &families[i];
+    return NULL;
+}
+
+const struct moe_family *moe_family_get(enum moe_family_id id)
+{
+    return id >= 0 && id < MOE_FAMILY_COUNT ? &families[id] : NULL;
+}
+
+int moe_tensor_name(const struct moe_family *f, int64_t layer,
+                    enum moe_tensor_kind kind, int64_t expert, char *buf, size_t size)
+{
+    const char *shared = f->shared == MOE_SHARED_GATED ? "shared_expert" : "shared_experts";
+    int n = -1;
+    switch (kind) {
+    case MOE_TENSOR_ROUTER:
+        n = snprintf(buf, size, "model.layers.%" PRId64 ".%s.gate.weight", layer, f->block);
+        break;
+    case MOE_TENSOR_SCORE_BIAS:
+        if (f->id == MOE_FAMILY_DEEPSEEK_V3)
+            n = snprintf(buf, size, "model.layers.%" PRId64 ".%s.gate.e_score_correction_bias",
+                         layer, f->block);
+        break;
+    case MOE_TENSOR_EXPERT_GATE:
+    case MOE_TENSOR_EXPERT_UP:
+    case MOE_TENSOR_EXPERT_DOWN:
+        n = snprintf(buf, size, "model.layers.%" PRId64 ".%s.experts.%" PRId64 ".%s.weight",
+                     layer, f->block, expert, f->proj[kind - MOE_TENSOR_EXPERT_GATE]);
+        break;
+    case MOE_TENSOR_SHARED_GATE:
+    case MOE_TENSOR_SHARED_UP:
+    case MOE_TENSOR_SHARED_DOWN:
+        if (f->shared != MOE_SHARED_NONE)
+            n = snprintf(buf, size, "model.layers.%" PRId64 ".%s.%s.%s.weight", layer,
+                         f->block, shared, f->proj[kind - MOE_TENSOR_SHARED_GATE]);
+        break;
+    case MOE_TENSOR_SHARED_EXPERT_GATE:
+        if (f->shared == MOE_SHARED_GATED)
+            n = snprintf(buf, size, "model.layers.%" PRId64 ".%s.shared_expert_gate.weight",
+                         layer, f->block);
+        break;
+    }
+    if (n < 0 || (size_t)n >= size)
+        return moe_fail(-EINVAL, "no tensor of kind %d in family %s", (int)kind,
+                        f->model_type);
+    return 0;
+}
+
+/* ---- config.json ------------------------------------------------------ */
+
+/* Largest integer a JSON number (a double) holds exactly. */
+#define JSON_INT_MAX 9007199254740992.0
+
+static int read_text_file(const char *path, char **text)
+{
+    *text = NULL;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return moe_fail(errno == ENOENT ? -EINVAL : -errno, "cannot open '%s': %s",
+                        path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return moe_fail(-EINVAL, "'%s' is not a regular file", path);
+    }
+    /* Published configs take a few kB; 16 MiB bounds a hostile file. */
+    if (st.st_size > (16 << 20)) {
+        close(fd);
+        return moe_fail(-EINVAL, "'%s' is %lld bytes, more than the 16 MiB a "
+                        "config may take", path, (long long)st.st_size);
+    }
+    char *buf = malloc((size_t)st.st_size + 1);
+    if (!buf) {
+        close(fd);
+        return moe_fail(-ENOMEM, "out of memory reading '%s'", path);
+    }
+    size_t have = 0;
+    while (have < (size_t)st.st_size) {
+        ssize_t n = read(fd, buf + have, (size_t)st.st_size - have);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            int err = n < 0 ? errno : EIO;
+            free(buf);
+            close(fd);
+            return moe_fail(-err, "cannot read '%s': %s", path, strerror(err));
+        }
+        have += (size_t)n;
+    }
+    close(fd);
+    buf[have] = '\0';
+    *text = buf;
+    return 0;
+}
+
+/* Reads integer field `name`. A missing field takes `fallback`, or is an
+ * error when `required`. */
+static int json_int(const struct moe_model_config *c, const cJSON *root,
+                    const char *name, int required, int64_t fallback, int64_t min,
+                    int64_t max, int64_t *out)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, name);
+    if (!item || cJSON_IsNull(item)) {
+        if (required)
+            return moe_fail(-EINVAL, "%s: field '%s' is missing; %s configs need it",
+                            c->path, name, c->family->model_type);
+        *out = fallback;
+        return 0;
+    }
+    double v = item->valuedouble;
+    if (!cJSON_IsNumber(item) || v != floor(v) || fabs(v) > JSON_INT_MAX)
+        return moe_fail(-EINVAL, "%s: field '%s' is not an integer", c->path, name);
+    if (v < (double)min || v > (double)max)
+        return moe_fail(-EINVAL, "%s: field '%s' is %.0f, expected %" PRId64 " to %"
+                        PRId64, c->path, name, v, min, max);
+    *out = (int64_t)v;
+    return 0;
+}
+
+static int json_bool(const struct moe_model_config *c, const cJSON *root,
+                     const char *name, int fallback, int *out)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, name);
+    if (!item || cJSON_IsNull(item)) {
+        *out = fallback;
+        return 0;
+    }
+    if (!cJSON_IsBool(item))
+        return moe_fail(-EINVAL, "%s: field '%s' is not true or false", c->path, name);
+    *out = cJSON_IsTrue(item);
+    return 0;
+}
+
+/* Checks that string field `name`, if present, is one of the values this
+ * project implements. */
+static int json_expect_string(const struct moe_model_config *c, const cJSON *root,
+                              const char *name, const char *expected)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, name);
+    if (!item || cJSON_IsNull(item))
+        return 0;
+    if (!cJSON_IsString(item))
+        return moe_fail(-EINVAL, "%s: field '%s' is not a string", c->path, name);
+    if (strcmp(item->valuestring, expected))
+        return moe_fail(-EINVAL, "%s: field '%s' is \"%s\"; moe-ep implements only "
+                        "\"%s\" for %s", c->path, name, item->valuestring, expected,
+                        c->family->model_type);
+    return 0;
+}
+
+static int read_mlp_only_layers(struct moe_model_config *c, const cJSON *root)
+{
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(root, "mlp_only_layers");
+    if (!list || cJSON_IsNull(list))
+        return 0;
+    if (!cJSON_IsArray(list))
+        return moe_fail(-EINVAL, "%s: field 'mlp_only_layers' is not a list", c->path);
+    int count = cJSON_GetArraySize(list);
+    c->mlp_only_layers = calloc((size_t)count + 1, sizeof(int64_t));
+    if (!c->mlp_only_layers)
+        return moe_fail(-ENOMEM, "out of memory reading %s", c->path);
+    const cJSON *item;
+    cJSON_ArrayForEach(item, list) {
+        double v = item->valuedouble;
+        if (!cJSON_IsNumber(item) || v != floor(v) || v < 0 || v > JSON_INT_MAX)
+            return moe_fail(-EINVAL, "%s: field 'mlp_only_layers' holds an entry "
+                            "that is not a layer index", c->path);
+        c->mlp_only_layers[c->mlp_only_count++] = (int64_t)v;
+    }
+    return 0;
+}
+
+/* Reads the fields of the routed experts, the router and the shared
+ * expert, which differ by family. */
+static int read_family_fields(struct moe_model_config *c, const cJSON *root)
+{
+    const struct moe_family *f = c->family;
+    const int64_t big = INT64_C(1) << 24;
+    int rc, flag;
+    moe_router_default(&c->router);
+
+    if ((rc = json_int(c, root, "num_hidden_layers", 1, 0, 1, big, &c->layers)) ||
+        (rc = json_int(c, root, "hidden_size", 1, 0, 1, big, &c->hidden)) ||
+        (rc = json_int(c, root, f->ffn_field, 1, 0, 1, big, &c->ffn)) ||
+        (rc = json_int(c, root, f->experts_field, 1, 0, 1, MOE_MAX_EXPERTS, &c->experts)) ||
+        (rc = json_int(c, root, "num_experts_per_tok", 1, 0, 1, MOE_MAX_EXPERTS,
+                       &c->top_k)))
+        return rc;
+    if (c->top_k > c->experts)
+        return moe_fail(-EINVAL, "%s: field 'num_experts_per_tok' is %" PRId64
+                        ", more than the %" PRId64 " experts of '%s'", c->path,
+                        c->top_k, c->experts, f->experts_field);
+    c->moe_layer_freq = 1;
+    c->decoder_sparse_step = 1;
+
+    switch (f->id) {
+    case MOE_FAMILY_MIXTRAL:
+        break;
+    case MOE_FAMILY_QWEN2_MOE:
+        if ((rc = json_int(c, root, "shared_expert_intermediate_size", 1, 0, 0, big,
+                           &c->shared_ffn)))
+            return rc;
+        /* The rest is shared with qwen3_moe. */
+        __attribute__((fallthrough));
+    case MOE_FAMILY_QWEN3_MOE:
+        if ((rc = json_int(c, root, "decoder_sparse_step", 0, 1, 1, big,
+                           &c->decoder_sparse_step)) ||
+            (rc = read_mlp_only_layers(c, root)))
+            return rc;
+        /* norm_topk_prob as in olmoe. */
+        __attribute__((fallthrough));
+    case MOE_FAMILY_OLMOE:
+        if ((rc = json_bool(c, root, "norm_topk_prob", 0, &flag)))
+            return rc;
+        c->router.renormalize = flag;
+        break;
+    case MOE_FAMILY_DEEPSEEK_V3: {
+        int64_t shared_experts;
+        if ((rc = json_int(c, root, "n_group", 1, 0, 1, MOE_MAX_EXPERTS, &c->router.groups)) ||
+            (rc = json_int(c, root, "topk_group", 1, 0, 1, MOE_MAX_EXPERTS,
+                           &c->router.topk_groups)) ||
+            (rc = json_int(c, root, "n_shared_experts", 1, 0, 0, 1024, &shared_experts)) ||
+            (rc = json_int(c, root, "first_k_dense_replace", 0, 0, 0, big,
+                           &c->first_k_dense_replace)) ||
+            (rc = json_int(c, root, "moe_layer_freq", 0, 1, 1, big, &c->moe_layer_freq)) ||
+            (rc = json_bool(c, root, "norm_topk_prob", 1, &flag)) ||
+            (rc = json_expect_string(c, root, "scoring_func", "sigmoid")) ||
+            (rc = json_expect_string(c, root, "topk_method", "noaux_tc")))
+            return rc;
+        c->router.renormalize = flag;
+        c->router.scoring = MOE_SCORING_SIGMOID;
+        c->shared_ffn = shared_experts * c->ffn;
+        const cJSON *scale = cJSON_GetObjectItemCaseSensitive(root, "routed_scaling_factor");
+        if (!scale)
+            return moe_fail(-EINVAL, "%s: field 'routed_scaling_factor' is missing; "
+                            "deepseek_v3 configs need it", c->path);
+        if (!cJSON_IsNumber(scale) || !isfinite((float)scale->valuedouble))
+            return moe_fail(-EINVAL, "%s: field 'routed_scaling_factor' is not a "
+                            "finite number", c->path);
+        c->router.scaling_factor = (float)scale->valuedouble;
+        break;
+    }
+    default:
+        break;
+    }
+
+    struct moe_shape shape;
+    moe_model_shape(c, 1, &shape);
+    if ((rc = moe_router_check(&c->router, &shape)))
+        return moe_fail(rc, "%s: %s", c->path, moe_error_message());
+    return 0;
+}
+
+/* Reads quantization_config.weight_block_size, the FP8 scale blocks. */
+static int read_fp8_block(struct moe_model_config *c, const cJSON *root)
+{
+    c->fp8_block_rows = c->fp8_block_cols = 128;
+    const cJSON *q = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
+    if (!q || cJSON_IsNull(q))
+        return 0;
+    const cJSON *block = cJSON_GetObjectItemCaseSensitive(q, "weight_block_size");
+    if (!block || cJSON_IsNull(block))
+        return 0;
+    if (!cJSON_IsArray(block) || cJSON_GetArraySize(block) != 2)
+        return moe_fail(-EINVAL, "%s: field 'quantization_config.weight_block_size' "
+                        "is not a list of two sizes", c->path);
+    double rows = cJSON_GetArrayItem(block, 0)->valuedouble;
+    double cols = cJSON_GetArrayItem(block, 1)->valuedouble;
+    if (!cJSON_IsNumber(cJSON_GetArrayItem(block, 0)) ||
+        !cJSON_IsNumber(cJSON_GetArrayItem(block, 1)) || rows != floor(rows) ||
+        cols != floor(cols) || rows < 1 || cols < 1 || rows > 65536 || cols > 65536)
+        return moe_fail(-EINVAL, "%s: field 'quantization_config.weight_block_size' "
+                        "must hold two integers from 1 to 65536", c->path);
+    c->fp8_block_rows = (int64_t)rows;
+    c->fp8_block_cols = (int64_t)cols;
+    return 0;
+}
+
+int moe_model_read_config(const char *dir, struct moe_model_config *c)
+{
+    memset(c, 0, sizeof *c);
+    if (snprintf(c->path, sizeof c->path, "%s/config.json", dir) >= (int)sizeof c->path)
+        return moe_fail(-EINVAL, "model directory name too long: '%s'", dir);
+
+    char *text;
+    int rc = read_text_file(c->path, &text);
+    if (rc)
+        return rc;
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    if (!root)
+        return moe_fail(-EINVAL, "%s: malformed JSON", c->path);
+    if (!cJSON_IsObject(root)) {
+        rc = moe_fail(-EINVAL, "%s: the top level is not a JSON object", c->path);
+        goto out;
+    }
+
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(root, "model_type");
+    if (!cJSON_IsString(type)) {
+        rc = moe_fail(-EINVAL, "%s: field 'model_type' is missing or not a string; "
+                      "expected one of %s", c->path, MOE_FAMILY_NAMES);
+        goto out;
+    }
+    c->family = moe_family_find(type->valuestring);
+    if (!c->family) {
+        rc = moe_fail(-EINVAL, "%s: model_type \"%s\" is not supported; expected "
+                      "one of %s", c->path, type->valuestring, MOE_FAMILY_NAMES);
+        goto out;
+    }
+    if ((rc = read_family_fields(c, root)) == 0)
+        rc = read_fp8_block(c, root);
+out:
+    cJSON_Delete(root);
+    if (rc)
+        moe_model_config_free(c);
+    return rc;
+}
+
+void moe_model_config_free(struct moe_model_config *c)
+{
+    free(c->mlp_only_layers);
+    c->mlp_only_layers = NULL;
+    c->mlp_only_count = 0;
+}
+
+int moe_model_is_moe_layer(const struct moe_model_config *c, int64_t layer)
+{
+    if (layer < 0 || layer >= c->layers)
+        return 0;
+    for (int64_t i = 0; i < c->mlp_only_count; i++)
+        if (c->mlp_only_layers[i] == layer)
+            return 0;
+    return layer >= c->first_k_dense_replace && layer % c->moe_layer_freq == 0 &&
+           (layer + 1) % c->decoder_sparse_step == 0;
+}
+
+int64_t moe_model_first_moe_layer(const struct moe_model_config *c)
+{
+    for (int64_t l = 0; l < c->layers; l++)
+        if (moe_model_is_moe_layer(c, l))
+            return l;
+    return -1;
+}
+
+void moe_model_shape(const struct moe_model_config *c, int64_t tokens,
+                     struct moe_shape *shape)
+{
+    *shape = (struct moe_shape){
+        .tokens = tokens,
+        .hidden = c->hidden,
+        .ffn = c->ffn,
+        .experts = c->experts,
+        .top_k = c->top_k,
+        .shared_ffn = c->shared_ffn,
+    };
+}
+
+/* ---- loading a layer -------------------------------------------------- */
+
+/* Explains why `layer` is not a MoE layer. */
+static int reject_layer(const struct moe_model_config *c, int64_t layer)
+{
+    int64_t first = moe_model_first_moe_layer(c);
+    char next[96] = "the model has no MoE layer";
+    if (first >= 0)
+        snprintf(next, sizeof next, "the first MoE layer is %" PRId64, first);
+    if (layer < 0 || layer >= c->layers)
+        return moe_fail(-EINVAL, "invalid --layer value %" PRId64 ": %s has "
+                        "num_hidden_layers %" PRId64 "; %s", layer, c->path,
+                        c->layers, next);
+    const char *rule = "decoder_sparse_step";
+    for (int64_t i = 0; i < c->mlp_only_count; i++)
+        if (c->mlp_only_layers[i] == layer)
+            rule = "mlp_only_layers";
+    if (layer < c->first_k_dense_replace)
+        rule = "first_k_dense_replace";
+    else if (layer % c->moe_layer_freq != 0)
+        rule = "moe_layer_freq";
+    return moe_fail(-EINVAL, "invalid --layer value %" PRId64 ": layer %" PRId64
+                    " of this %s model is dense (see '%s' in %s); %s", layer, layer,
+                    c->family->model_type, rule, c->path, next);
+}
+
+static int read_tensor(struct moe_st_model *st, const struct moe_model_config *c,
+                       int64_t layer, enum moe_tensor_kind kind, int64_t expert,
+                       int ndim, int64_t rows, int64_t cols, float *dst)
+{
+    char name[512];
+    int64_t shape[2] = {rows, cols};
+    if (ndim == 1)
+        shape[0] = cols;
+    int rc = moe_tensor_name(c->family, layer, kind, expert, name, sizeof name);
+    if (rc == 0)
+        rc = moe_st_read_f32(st, name, ndim, shape, dst);
+    if (rc == -ENOENT) /* a missing tensor is a bad checkpoint */
+        return moe_fail(-EINVAL, "%s", moe_error_message());
+    return rc;
+}
+
+static int read_layer(struct moe_st_model *st, const struct moe_model_config *c,
+                      int64_t layer, struct moe_weights *w)
+{
+    int64_t H = c->hidden, F = c->ffn, E = c->experts, Fs = c->shared_ffn;
+    int rc;
+    if ((rc = read_tensor(st, c, layer, MOE_TENSOR_ROUTER, 0, 2, E, H, w->gate)))
+        return rc;
+    if (w->score_bias &&
+        (rc = read_tensor(st, c, layer, MOE_TENSOR_SCORE_BIAS, 0, 1, 1, E, w->score_bias)))
+        return rc;
+    for (int64_t e = 0; e < E; e++) {
+        if ((rc = read_tensor(st, c, layer, MOE_TENSOR_EXPERT_GATE, e, 2, F, H,
+                              w->w1 + e * F * H)) ||
+            (rc = read_tensor(st, c, layer, MOE_TENSOR_EXPERT_UP, e, 2, F, H,
+                              w->w3 + e * F * H)) ||
+            (rc = read_tensor(st, c, layer, MOE_TENSOR_EXPERT_DOWN, e, 2, H, F,
+                              w->w2 + e * H * F)))
+            return rc;
+    }
+    if (Fs > 0) {
+        if ((rc = read_tensor(st, c, layer, MOE_TENSOR_SHARED_GATE, 0, 2, Fs, H,
+                              w->shared_w1)) ||
+            (rc = read_tensor(st, c, layer, MOE_TENSOR_SHARED_UP, 0, 2, Fs, H,
+                              w->shared_w3)) ||
+            (rc = read_tensor(st, c, layer, MOE_TENSOR_SHARED_DOWN, 0, 2, H, Fs,
+                              w->shared_w2)))
+            return rc;
+    }
+    if (w->shared_gate &&
+        (rc = read_tensor(st, c, layer, MOE_TENSOR_SHARED_EXPERT_GATE, 0, 2, 1, H,
+                          w->shared_gate)))
+        return rc;
+    return 0;
+}
+
+int moe_model_load_layer(const char *dir, const struct moe_model_config *c,
+                         int64_t layer, int64_t tokens, struct moe_weights *w)
+{
+    memset(w, 0, sizeof *w);
+    if (!moe_model_is_moe_layer(c, layer))
+        return reject_layer(c, layer);
+
+    struct moe_shape shape;
+    moe_model_shape(c, tokens, &shape);
+    struct moe_st_model *st;
+    int rc = moe_st_open_model(dir, &st);
+    if (rc)
+        return rc;
+    moe_st_set_fp8_block(st, c->fp8_block_rows, c->fp8_block_cols);
+
+    rc = moe_weights_alloc(w, &shape, c->family->id == MOE_FAMILY_DEEPSEEK_V3,
+                           c->family->shared == MOE_SHARED_GATED);
+    if (rc == 0) {
+        w->router = c->router;
+        rc = read_layer(st, c, layer, w);
+        if (rc)
+            moe_weights_free(w);
+    }
+    moe_st_close(st);
+    return rc;
+}
