@@ -39,7 +39,7 @@ $(LIB): $(LIB_OBJ)
 $(BIN): src/main.c $(LIB)
 	$(CC) $(ALL_CFLAGS) $< $(LIB) $(LDLIBS) -o $@
 
-$(BUILD)/tests/%: tests/%.c tests/test_util.h $(LIB) | $(BUILD)/tests
+$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(LIB) | $(BUILD)/tests
 	$(CC) $(ALL_CFLAGS) $< $(LIB) $(TEST_LIBS) $(LDLIBS) -o $@
 
 $(BUILD)/obj $(BUILD)/tests:

@@ -1,0 +1,610 @@
+/*
+ * test_model.c - checkpoint layers end to end: make-layer writes each
+ * family, `run --model` reads it on 1 to 8 ranks bit for bit, --dump
+ * writes consistent stages, and every kind of bad file exits with status 2
+ * and a message naming the file and the tensor or field.
+ */
+#define _XOPEN_SOURCE 700 /* nftw */
+#define _DEFAULT_SOURCE
+#include "moe_npy.h"
+#include "test_program.h"
+
+#include <ftw.h>
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+/* A fresh directory under /tmp, removed by remove_tree(). */
+static void make_temp_dir(char *dir, size_t size)
+{
+    snprintf(dir, size, "/tmp/moe-ep-model-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+}
+
+static void remove_tree(const char *dir)
+{
+    nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+/* Runs make-layer with the given arguments after "--out DIR". */
+#define MAKE_LAYER(dir, ...)                                                     \
+    do {                                                                         \
+        struct outcome made_;                                                    \
+        run_program(&made_, NULL, 0, 0,                                          \
+                    (const char *[]){"make-layer", "--out", dir, __VA_ARGS__, NULL}); \
+        cr_assert_eq(made_.status, 0, "make-layer failed: %s", made_.err);      \
+    } while (0)
+
+static size_t read_all(const char *path, char *buf, size_t size)
+{
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "open %s", path);
+    size_t n = fread(buf, 1, size, f);
+    fclose(f);
+    return n;
+}
+
+static void write_all(const char *path, const void *buf, size_t size)
+{
+    FILE *f = fopen(path, "wb");
+    cr_assert_not_null(f, "create %s", path);
+    cr_assert_eq(fwrite(buf, 1, size, f), size);
+    cr_assert_eq(fclose(f), 0);
+}
+
+/* Replaces the first `from` in the text file `path` with `to`. */
+static void edit_file(const char *path, const char *from, const char *to)
+{
+    static char text[1 << 20], edited[1 << 20];
+    size_t n = read_all(path, text, sizeof text - 1);
+    text[n] = '\0';
+    char *at = strstr(text, from);
+    cr_assert_not_null(at, "'%s' not in %s", from, path);
+    size_t head = (size_t)(at - text);
+    memcpy(edited, text, head);
+    strcpy(edited + head, to);
+    strcat(edited, at + strlen(from));
+    write_all(path, edited, strlen(edited));
+}
+
+/* Asserts a bad-input outcome: status 2 and each needle in stderr. */
+#define EXPECT_BAD_INPUT(o, ...)                                                 \
+    do {                                                                         \
+        cr_assert_eq((o).status, 2, "status %d, stderr: %s", (o).status, (o).err); \
+        const char *needles_[] = {__VA_ARGS__, NULL};                            \
+        for (int n_ = 0; needles_[n_]; n_++)                                     \
+            cr_assert_not_null(strstr((o).err, needles_[n_]),                    \
+                               "stderr lacks '%s': %s", needles_[n_], (o).err);  \
+    } while (0)
+
+static void run_model(struct outcome *o, const char *dir, const char *const *extra)
+{
+    const char *args[32] = {"run", "--model", dir, "--tokens", "37", "--ranks", "2"};
+    int n = 7;
+    for (int i = 0; extra && extra[i]; i++)
+        args[n++] = extra[i];
+    args[n] = NULL;
+    run_program(o, NULL, 0, 0, args);
+}
+
+/* ---- every family, 1 to 8 ranks ---------------------------------------- */
+
+static void check_family_on_all_rank_counts(const char *const *make_args)
+{
+    char dir[64], out_path[96];
+    make_temp_dir(dir, sizeof dir);
+    const char *args[32] = {"make-layer", "--out", dir};
+    int n = 3;
+    for (int i = 0; make_args[i]; i++)
+        args[n++] = make_args[i];
+    args[n] = NULL;
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, args);
+    cr_assert_eq(o.status, 0, "make-layer: %s", o.err);
+
+    static char first[1 << 16], data[1 << 16];
+    size_t first_size = 0;
+    snprintf(out_path, sizeof out_path, "%s/out.npy", dir);
+    for (int ranks = 1; ranks <= 8; ranks++) {
+        char ranks_text[8];
+        snprintf(ranks_text, sizeof ranks_text, "%d", ranks);
+        run_program(&o, NULL, 0, 0,
+                    (const char *[]){"run", "--model", dir, "--tokens", "70", "--ranks",
+                                     ranks_text, "--output", out_path, NULL});
+        cr_assert_eq(o.status, 0, "%s on %d ranks: %s", make_args[1], ranks, o.err);
+        cr_assert_not_null(strstr(o.out, "golden check: bitwise equal"), "%s", o.out);
+        size_t size = read_all(out_path, data, sizeof data);
+        if (ranks == 1) {
+            memcpy(first, data, size);
+            first_size = size;
+        } else {
+            cr_assert_eq(size, first_size);
+            cr_assert(memcmp(first, data, size) == 0,
+                      "%s: output on %d ranks differs from 1 rank", make_args[1], ranks);
+        }
+    }
+    remove_tree(dir);
+}
+
+Test(model, mixtral_on_1_to_8_ranks, .timeout = 120)
+{
+    check_family_on_all_rank_counts((const char *[]){"--family", "mixtral", NULL});
+}
+
+Test(model, qwen2_moe_on_1_to_8_ranks, .timeout = 120)
+{
+    check_family_on_all_rank_counts(
+        (const char *[]){"--family", "qwen2_moe", "--dtype", "bf16", NULL});
+}
+
+Test(model, qwen3_moe_on_1_to_8_ranks, .timeout = 120)
+{
+    check_family_on_all_rank_counts(
+        (const char *[]){"--family", "qwen3_moe", "--dtype", "f16", "--shards", "2", NULL});
+}
+
+Test(model, olmoe_on_1_to_8_ranks, .timeout = 120)
+{
+    check_family_on_all_rank_counts((const char *[]){"--family", "olmoe", NULL});
+}
+
+Test(model, deepseek_v3_on_1_to_8_ranks, .timeout = 120)
+{
+    check_family_on_all_rank_counts((const char *[]){"--family", "deepseek_v3", NULL});
+}
+
+Test(model, deepseek_v3_fp8_sharded, .timeout = 120)
+{
+    check_family_on_all_rank_counts(
+        (const char *[]){"--family", "deepseek_v3", "--dtype", "fp8", "--hidden", "160",
+                         "--ffn", "136", "--shards", "3", NULL});
+}
+
+/* ---- dumps ------------------------------------------------------------- */
+
+static void read_npy(const char *dir, const char *name, struct moe_npy_array *a)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s.npy", dir, name);
+    cr_assert_eq(moe_npy_read(path, 1 << 30, a), 0, "read %s", path);
+}
+
+Test(model, dump_stages_are_consistent, .timeout = 60)
+{
+    char dir[64], dump[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "qwen2_moe", "--experts", "6", "--top-k", "3");
+    snprintf(dump, sizeof dump, "%s/dump", dir);
+    struct outcome o;
+    run_model(&o, dir, (const char *[]){"--ranks", "4", "--dump", dump, NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    cr_assert_not_null(strstr(o.out, "shared_out     bitwise equal"), "%s", o.out);
+    cr_assert_null(strstr(o.out, "MISMATCH"));
+
+    const int64_t T = 37, H = 64, E = 6, K = 3, R = 4;
+    struct moe_npy_array tokens, ids, per_rank, per_expert, in_rank, out;
+    read_npy(dump, "tokens", &tokens);
+    read_npy(dump, "topk_ids", &ids);
+    read_npy(dump, "num_tokens_per_rank", &per_rank);
+    read_npy(dump, "num_tokens_per_expert", &per_expert);
+    read_npy(dump, "is_token_in_rank", &in_rank);
+    read_npy(dump, "expert_out", &out);
+    cr_assert_eq(ids.dtype, MOE_NPY_I32);
+    cr_assert(ids.ndim == 2 && ids.shape[0] == T && ids.shape[1] == K);
+    cr_assert(out.ndim == 3 && out.shape[0] == T && out.shape[1] == K && out.shape[2] == H);
+    cr_assert_eq(in_rank.dtype, MOE_NPY_BOOL);
+    cr_assert(in_rank.shape[0] == T && in_rank.shape[1] == R);
+
+    /* The layout agrees with the ids. */
+    const int32_t *id = ids.data;
+    const uint8_t *in = in_rank.data;
+    int64_t expert_rows[6] = {0}, rank_tokens[4] = {0};
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t k = 0; k < K; k++)
+            expert_rows[id[t * K + k]]++;
+        for (int64_t r = 0; r < R; r++)
+            rank_tokens[r] += in[t * R + r];
+    }
+    for (int64_t e = 0; e < E; e++)
+        cr_assert_eq(((int32_t *)per_expert.data)[e], expert_rows[e], "expert %ld", (long)e);
+    for (int64_t r = 0; r < R; r++)
+        cr_assert_eq(((int32_t *)per_rank.data)[r], rank_tokens[r], "rank %ld", (long)r);
+
+    /* Each rank received exactly the token rows its index file names. */
+    int64_t rows = 0;
+    for (int r = 0; r < R; r++) {
+        char name[64];
+        struct moe_npy_array src, x;
+        snprintf(name, sizeof name, "rank%d_recv_src_idx", r);
+        read_npy(dump, name, &src);
+        snprintf(name, sizeof name, "rank%d_recv_x", r);
+        read_npy(dump, name, &x);
+        cr_assert_eq(x.shape[0], src.shape[0]);
+        for (int64_t i = 0; i < src.count; i++) {
+            int32_t t = ((int32_t *)src.data)[i];
+            cr_assert(t >= 0 && t < T);
+            cr_assert(memcmp((float *)x.data + i * H, (float *)tokens.data + t * H,
+                             (size_t)H * sizeof(float)) == 0,
+                      "rank %d row %ld is not token %d", r, (long)i, t);
+        }
+        rows += src.count;
+        moe_npy_array_free(&src);
+        moe_npy_array_free(&x);
+    }
+    cr_assert_eq(rows, T * K);
+
+    moe_npy_array_free(&tokens);
+    moe_npy_array_free(&ids);
+    moe_npy_array_free(&per_rank);
+    moe_npy_array_free(&per_expert);
+    moe_npy_array_free(&in_rank);
+    moe_npy_array_free(&out);
+    remove_tree(dir);
+}
+
+/* ---- bad config.json --------------------------------------------------- */
+
+Test(model, malformed_config_exits_2, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "mixtral");
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    write_all(path, "{\"model_type\": \"mixtral\", ", 26);
+    struct outcome o;
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "config.json", "malformed JSON");
+    remove_tree(dir);
+}
+
+Test(model, config_field_errors_exit_2, .timeout = 60)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "mixtral");
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    struct outcome o;
+
+    edit_file(path, "\"mixtral\"", "\"gpt2\"");
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "config.json", "gpt2", "not supported", "deepseek_v3");
+    edit_file(path, "\"gpt2\"", "\"mixtral\"");
+
+    edit_file(path, "\"hidden_size\"", "\"hidden_sizes\"");
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "config.json", "'hidden_size'", "missing");
+    edit_file(path, "\"hidden_sizes\"", "\"hidden_size\"");
+
+    edit_file(path, "\"num_experts_per_tok\":\t2", "\"num_experts_per_tok\":\t9");
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "config.json", "'num_experts_per_tok'", "9");
+    edit_file(path, "\"num_experts_per_tok\":\t9", "\"num_experts_per_tok\":\t2.5");
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "config.json", "'num_experts_per_tok'", "not an integer");
+    remove_tree(dir);
+}
+
+Test(model, shape_flags_conflict_with_model, .timeout = 30)
+{
+    char dir[64];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "olmoe");
+    struct outcome o;
+    run_model(&o, dir, (const char *[]){"--hidden", "32", NULL});
+    EXPECT_BAD_INPUT(o, "--hidden", "--model");
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", "--layer", "1", NULL});
+    EXPECT_BAD_INPUT(o, "--layer", "--model");
+    remove_tree(dir);
+}
+
+/* ---- dense layers ------------------------------------------------------ */
+
+Test(model, deepseek_dense_layer_names_first_moe, .timeout = 30)
+{
+    char dir[64];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "deepseek_v3", "--layer", "3");
+    struct outcome o;
+    run_model(&o, dir, (const char *[]){"--layer", "1", NULL});
+    EXPECT_BAD_INPUT(o, "layer 1", "dense", "first_k_dense_replace", "first MoE layer is 3");
+    /* Without --layer the first MoE layer runs. */
+    run_model(&o, dir, NULL);
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    cr_assert_not_null(strstr(o.out, "deepseek_v3 layer 3"), "%s", o.out);
+    run_model(&o, dir, (const char *[]){"--layer", "4", NULL});
+    EXPECT_BAD_INPUT(o, "--layer", "num_hidden_layers 4");
+    remove_tree(dir);
+}
+
+Test(model, qwen_dense_layers_exit_2, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "qwen2_moe", "--layer", "2");
+    struct outcome o;
+    run_model(&o, dir, (const char *[]){"--layer", "0", NULL});
+    EXPECT_BAD_INPUT(o, "dense", "mlp_only_layers", "first MoE layer is 2");
+
+    /* With decoder_sparse_step 2, only odd layers are sparse. */
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    edit_file(path, "\"decoder_sparse_step\":\t1", "\"decoder_sparse_step\":\t2");
+    edit_file(path, "\"mlp_only_layers\":\t[0, 1]", "\"mlp_only_layers\":\t[]");
+    run_model(&o, dir, (const char *[]){"--layer", "2", NULL});
+    EXPECT_BAD_INPUT(o, "dense", "decoder_sparse_step", "first MoE layer is 1");
+    remove_tree(dir);
+}
+
+/* ---- bad weights -------------------------------------------------------- */
+
+/* Replaces the first occurrence of `from` in the binary file with `to`, of
+ * the same length, so that offsets stay valid. */
+static void patch_bytes(const char *path, const char *from, const char *to)
+{
+    static char buf[1 << 22];
+    size_t n = read_all(path, buf, sizeof buf);
+    size_t len = strlen(from);
+    cr_assert_eq(strlen(to), len);
+    for (size_t i = 0; i + len <= n; i++)
+        if (memcmp(buf + i, from, len) == 0) {
+            memcpy(buf + i, to, len);
+            write_all(path, buf, n);
+            return;
+        }
+    cr_assert_fail("'%s' not found in %s", from, path);
+}
+
+Test(model, missing_tensor_exits_2, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "mixtral", "--experts", "4");
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    /* Rename one tensor, keeping the header's length. */
+    patch_bytes(path, "experts.3.w1.weight\"", "experts.3.w1.weighT\"");
+    struct outcome o;
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "model.layers.0.block_sparse_moe.experts.3.w1.weight");
+    remove_tree(dir);
+}
+
+Test(model, shape_mismatch_exits_2, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "olmoe");
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    edit_file(path, "\"intermediate_size\":\t32", "\"intermediate_size\":\t16");
+    struct outcome o;
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "model.safetensors", "experts.0.gate_proj.weight", "shape");
+    remove_tree(dir);
+}
+
+Test(model, unsupported_dtype_exits_2, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "mixtral");
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    /* F32 and I32 have the same size, so only the dtype is wrong. */
+    patch_bytes(path, "\"dtype\":\"F32\"", "\"dtype\":\"I32\"");
+    struct outcome o;
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "model.safetensors", "I32", "unsupported");
+    remove_tree(dir);
+}
+
+Test(model, header_beyond_file_exits_2, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "mixtral");
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    static char buf[1 << 22];
+    size_t n = read_all(path, buf, sizeof buf);
+    uint64_t length = (uint64_t)n; /* the header would end past the file */
+    memcpy(buf, &length, 8);
+    write_all(path, buf, n);
+    struct outcome o;
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "model.safetensors", "header");
+    remove_tree(dir);
+}
+
+/* Writes a safetensors file whose header is `header` followed by `data`
+ * bytes of zeros. */
+static void write_raw_safetensors(const char *path, const char *header, size_t data)
+{
+    static char buf[1 << 16];
+    uint64_t length = strlen(header);
+    memcpy(buf, &length, 8);
+    memcpy(buf + 8, header, length);
+    memset(buf + 8 + length, 0, data);
+    write_all(path, buf, 8 + length + data);
+}
+
+/* A mixtral layer with H 2, F 2, E 2, K 1: every tensor is 16 bytes of F32. */
+static void write_tiny_config(const char *dir)
+{
+    char path[96];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    const char *config = "{\"model_type\": \"mixtral\", \"num_hidden_layers\": 1, "
+                         "\"hidden_size\": 2, \"intermediate_size\": 2, "
+                         "\"num_local_experts\": 2, \"num_experts_per_tok\": 1}";
+    write_all(path, config, strlen(config));
+}
+
+static void check_raw_layer(const char *offsets_of_w2, size_t data, const char *needle)
+{
+    char dir[64], path[96], header[2048];
+    make_temp_dir(dir, sizeof dir);
+    write_tiny_config(dir);
+    int n = snprintf(header, sizeof header,
+                     "{\"model.layers.0.block_sparse_moe.gate.weight\":{\"dtype\":\"F32\","
+                     "\"shape\":[2,2],\"data_offsets\":[0,16]}");
+    size_t at = 16;
+    for (int e = 0; e < 2; e++) {
+        static const char *const proj[] = {"w1", "w3", "w2"};
+        for (int p = 0; p < 3; p++) {
+            char offsets[64];
+            if (e == 1 && p == 2)
+                snprintf(offsets, sizeof offsets, "%s", offsets_of_w2);
+            else
+                snprintf(offsets, sizeof offsets, "[%zu,%zu]", at, at + 16);
+            n += snprintf(header + n, sizeof header - (size_t)n,
+                          ",\"model.layers.0.block_sparse_moe.experts.%d.%s.weight\":"
+                          "{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":%s}",
+                          e, proj[p], offsets);
+            at += 16;
+        }
+    }
+    snprintf(header + n, sizeof header - (size_t)n, "}");
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    write_raw_safetensors(path, header, data);
+
+    struct outcome o;
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", "--model", dir, "--tokens", "4", "--ranks", "2",
+                                 NULL});
+    EXPECT_BAD_INPUT(o, "model.safetensors", needle);
+    remove_tree(dir);
+}
+
+Test(model, raw_layer_is_valid, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    write_tiny_config(dir);
+    /* The same writer with correct offsets gives a layer that runs, so the
+     * failures below come from the one broken tensor. */
+    char header[2048];
+    int n = snprintf(header, sizeof header,
+                     "{\"model.layers.0.block_sparse_moe.gate.weight\":{\"dtype\":\"F32\","
+                     "\"shape\":[2,2],\"data_offsets\":[0,16]}");
+    size_t at = 16;
+    for (int e = 0; e < 2; e++)
+        for (int p = 0; p < 3; p++) {
+            static const char *const proj[] = {"w1", "w3", "w2"};
+            n += snprintf(header + n, sizeof header - (size_t)n,
+                          ",\"model.layers.0.block_sparse_moe.experts.%d.%s.weight\":"
+                          "{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[%zu,%zu]}",
+                          e, proj[p], at, at + 16);
+            at += 16;
+        }
+    snprintf(header + n, sizeof header - (size_t)n, "}");
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    write_raw_safetensors(path, header, at);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", "--model", dir, "--tokens", "4", "--ranks", "2",
+                                 NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    remove_tree(dir);
+}
+
+Test(model, overlapping_offsets_exit_2, .timeout = 30)
+{
+    check_raw_layer("[80,96]", 112, "overlap");
+}
+
+Test(model, offsets_beyond_data_exit_2, .timeout = 30)
+{
+    check_raw_layer("[112,128]", 112, "model.layers.0.block_sparse_moe.experts.1.w2.weight");
+}
+
+Test(model, offsets_size_mismatch_exit_2, .timeout = 30)
+{
+    check_raw_layer("[112,120]", 120, "model.layers.0.block_sparse_moe.experts.1.w2.weight");
+}
+
+Test(model, missing_shard_exits_2, .timeout = 30)
+{
+    char dir[64], path[128];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "olmoe", "--shards", "2");
+    snprintf(path, sizeof path, "%s/model-00002-of-00002.safetensors", dir);
+    cr_assert_eq(unlink(path), 0);
+    struct outcome o;
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "model.safetensors.index.json", "model-00002-of-00002.safetensors");
+    remove_tree(dir);
+}
+
+/* ---- bad token input ---------------------------------------------------- */
+
+Test(model, bad_npy_input_exits_2, .timeout = 60)
+{
+    char dir[64], path[128];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "mixtral", "--tokens", "5");
+    snprintf(path, sizeof path, "%s/tokens.npy", dir);
+    struct outcome o;
+
+    /* A valid input runs. */
+    run_model(&o, dir, (const char *[]){"--input", path, "--tokens", "5", NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+
+    /* Wrong width for the model. */
+    char wide[128];
+    snprintf(wide, sizeof wide, "%s/wide.npy", dir);
+    float zeros[5 * 65] = {0};
+    cr_assert_eq(moe_npy_write_f32(wide, zeros, 5, 65), 0);
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", "--model", dir, "--input", wide, NULL});
+    EXPECT_BAD_INPUT(o, "wide.npy", "(5, 65)", "hidden_size");
+
+    /* Wrong dtype. */
+    char ints[128];
+    snprintf(ints, sizeof ints, "%s/ints.npy", dir);
+    int32_t values[5 * 64] = {0};
+    int64_t shape[2] = {5, 64};
+    cr_assert_eq(moe_npy_write(ints, MOE_NPY_I32, 2, shape, values), 0);
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", "--model", dir, "--input", ints, NULL});
+    EXPECT_BAD_INPUT(o, "ints.npy", "<i4");
+
+    /* Fortran order, then a truncated body. */
+    patch_bytes(path, "'fortran_order': False", "'fortran_order': True ");
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", "--model", dir, "--input", path, NULL});
+    EXPECT_BAD_INPUT(o, "tokens.npy", "ortran");
+    patch_bytes(path, "'fortran_order': True ", "'fortran_order': False");
+    static char buf[1 << 16];
+    size_t n = read_all(path, buf, sizeof buf);
+    write_all(path, buf, n - 3);
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", "--model", dir, "--input", path, NULL});
+    EXPECT_BAD_INPUT(o, "tokens.npy");
+    remove_tree(dir);
+}
+
+Test(model, float16_and_float64_input, .timeout = 30)
+{
+    char dir[64], path[128];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "qwen3_moe");
+    int64_t shape[2] = {6, 64};
+    double values[6 * 64];
+    for (int i = 0; i < 6 * 64; i++)
+        values[i] = (i % 17) / 8.0 - 1.0;
+    snprintf(path, sizeof path, "%s/x64.npy", dir);
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_F64, 2, shape, values), 0);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", "--model", dir, "--input", path, NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    cr_assert_not_null(strstr(o.out, "tokens 6"), "%s", o.out);
+
+    uint16_t halves[6 * 64];
+    for (int i = 0; i < 6 * 64; i++)
+        halves[i] = 0x3c00; /* 1.0 */
+    snprintf(path, sizeof path, "%s/x16.npy", dir);
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_F16, 2, shape, halves), 0);
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", "--model", dir, "--input", path, NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    remove_tree(dir);
+}
