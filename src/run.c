@@ -316,6 +316,29 @@ static void corrupt_for_testing(float *output, int64_t count)
     }
 }
 
+/* Flips the lowest bit of one element of a dumped stage when the debug
+ * variable MOE_EP_CORRUPT_STAGE is "STAGE:INDEX" (a stage name of
+ * moe_stage_name()), so that tests can see the stage check report it. */
+static void corrupt_stage_for_testing(struct moe_run_result *result)
+{
+    const char *text = getenv("MOE_EP_CORRUPT_STAGE");
+    char name[32];
+    long long index;
+    if (!text || sscanf(text, "%31[a-z_]:%lld", name, &index) != 2)
+        return;
+    const struct moe_shape *s = &result->options.shape;
+    for (int i = 0; i < MOE_STAGE_COUNT; i++) {
+        if (strcmp(name, moe_stage_name(i)) || !result->stage[i] || index < 0)
+            continue;
+        int64_t count = i == MOE_STAGE_LOGITS || i == MOE_STAGE_SCORES ? s->tokens * s->experts
+                        : i == MOE_STAGE_IDS || i == MOE_STAGE_WEIGHTS ? s->tokens * s->top_k
+                        : i == MOE_STAGE_SHARED_OUT ? s->tokens * s->hidden
+                                                    : s->tokens * s->top_k * s->hidden;
+        if (index < count)
+            ((uint32_t *)result->stage[i])[index] ^= 1;
+    }
+}
+
 /* Fills `set` with the signals a run blocks: those that stop it (SIGINT,
  * SIGTERM, SIGHUP) and SIGXFSZ, so that a file size limit fails a write
  * with EFBIG instead of killing the launcher mid-write. */
@@ -538,6 +561,7 @@ static int run_blocked(struct moe_run_result *result)
            (size_t)(o->ranks * s->experts) * sizeof(int64_t));
     if (o->dump_dir && (rc = copy_stages(result, area)))
         goto out;
+    corrupt_stage_for_testing(result);
     moe_launch_destroy(&launch);
     corrupt_for_testing(result->output, values);
 

@@ -608,3 +608,28 @@ Test(model, float16_and_float64_input, .timeout = 30)
     cr_assert_eq(o.status, 0, "%s", o.err);
     remove_tree(dir);
 }
+
+/* ---- the stage check catches one flipped bit ----------------------------- */
+
+Test(model, stage_check_reports_corrupted_stage, .timeout = 60)
+{
+    char dir[64], dump[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "qwen2_moe");
+    snprintf(dump, sizeof dump, "%s/dump", dir);
+    static const char *const stages[] = {"router_logits", "router_scores", "topk_ids",
+                                         "topk_weights", "recv_x", "expert_out",
+                                         "shared_out"};
+    for (size_t i = 0; i < sizeof stages / sizeof stages[0]; i++) {
+        char env[64], expected[96];
+        snprintf(env, sizeof env, "MOE_EP_CORRUPT_STAGE=%s:7", stages[i]);
+        struct outcome o;
+        run_program(&o, env, 0, 0,
+                    (const char *[]){"run", "--model", dir, "--tokens", "20", "--ranks", "3",
+                                     "--dump", dump, NULL});
+        cr_assert_eq(o.status, 1, "%s: status %d, %s", stages[i], o.status, o.err);
+        snprintf(expected, sizeof expected, "first stage that differs: %s", stages[i]);
+        cr_assert_not_null(strstr(o.out, expected), "%s", o.out);
+    }
+    remove_tree(dir);
+}
