@@ -12,15 +12,29 @@
 struct layer_case {
     int64_t tokens, hidden, ffn, experts, top_k;
     uint64_t seed;
+    /* Family options; all zero is the Mixtral router. */
+    enum moe_scoring scoring;
+    int no_renormalize;
+    float scaling_factor; /* 0 means 1 */
+    int64_t groups, topk_groups;
+    int64_t shared_ffn;
+    int score_bias, shared_gate;
 };
 
 /* Runs the golden path and the fp64 reference on one random layer and
  * compares them token by token. */
 static void compare_with_reference(struct layer_case c)
 {
-    struct moe_shape shape = {c.tokens, c.hidden, c.ffn, c.experts, c.top_k, 0};
+    struct moe_shape shape = {c.tokens, c.hidden, c.ffn, c.experts, c.top_k, c.shared_ffn};
     struct moe_weights w;
-    cr_assert_eq(moe_weights_init_random(&w, &shape, c.seed), 0);
+    cr_assert_eq(moe_weights_alloc(&w, &shape, c.score_bias, c.shared_gate), 0);
+    moe_weights_fill_random(&w, c.seed);
+    w.router.scoring = c.scoring;
+    w.router.renormalize = !c.no_renormalize;
+    w.router.scaling_factor = c.scaling_factor ? c.scaling_factor : 1.0f;
+    w.router.groups = c.groups ? c.groups : 1;
+    w.router.topk_groups = c.topk_groups ? c.topk_groups : 1;
+    cr_assert_eq(moe_router_check(&w.router, &shape), 0);
     int64_t T = c.tokens, H = c.hidden, K = c.top_k;
     float *x = malloc(sizeof(float) * (size_t)(T * H));
     float *out = malloc(sizeof(float) * (size_t)(T * H));
@@ -70,14 +84,43 @@ static void compare_with_reference(struct layer_case c)
 
 Test(golden, matches_fp64_reference)
 {
-    compare_with_reference((struct layer_case){64, 48, 80, 8, 2, 11});
+    compare_with_reference((struct layer_case){.tokens = 64, .hidden = 48, .ffn = 80, .experts = 8, .top_k = 2, .seed = 11});
+}
+
+/* The family routers and shared experts against the same fp64 reference,
+ * with the same tolerance: the scaling factor 2.5 makes outputs larger but
+ * leaves the relative rounding unchanged. */
+Test(golden, matches_fp64_deepseek_router)
+{
+    compare_with_reference((struct layer_case){
+        .tokens = 96, .hidden = 40, .ffn = 24, .experts = 16, .top_k = 4, .seed = 21,
+        .scoring = MOE_SCORING_SIGMOID, .scaling_factor = 2.5f, .groups = 4,
+        .topk_groups = 2, .shared_ffn = 24, .score_bias = 1});
+}
+
+Test(golden, matches_fp64_qwen2_shared_gate)
+{
+    compare_with_reference((struct layer_case){
+        .tokens = 80, .hidden = 32, .ffn = 16, .experts = 6, .top_k = 3, .seed = 22,
+        .no_renormalize = 1, .shared_ffn = 40, .shared_gate = 1});
+}
+
+Test(golden, matches_fp64_topk_softmax)
+{
+    compare_with_reference((struct layer_case){
+        .tokens = 50, .hidden = 24, .ffn = 20, .experts = 7, .top_k = 2, .seed = 23,
+        .scoring = MOE_SCORING_TOPK_SOFTMAX});
+    compare_with_reference((struct layer_case){
+        .tokens = 50, .hidden = 24, .ffn = 20, .experts = 8, .top_k = 3, .seed = 24,
+        .scoring = MOE_SCORING_SIGMOID, .no_renormalize = 1, .groups = 8,
+        .topk_groups = 3});
 }
 
 Test(golden, matches_fp64_odd_shapes)
 {
-    compare_with_reference((struct layer_case){1, 5, 3, 1, 1, 12});
-    compare_with_reference((struct layer_case){33, 17, 29, 5, 3, 13});
-    compare_with_reference((struct layer_case){40, 32, 24, 4, 4, 14});
+    compare_with_reference((struct layer_case){.tokens = 1, .hidden = 5, .ffn = 3, .experts = 1, .top_k = 1, .seed = 12});
+    compare_with_reference((struct layer_case){.tokens = 33, .hidden = 17, .ffn = 29, .experts = 5, .top_k = 3, .seed = 13});
+    compare_with_reference((struct layer_case){.tokens = 40, .hidden = 32, .ffn = 24, .experts = 4, .top_k = 4, .seed = 14});
 }
 
 Test(golden, reference_differs_from_wrong_layer)
