@@ -5,6 +5,8 @@
 #   make test       install missing packages, build, and run the test suite
 #   make sanitize   build into build-san/ with ASan+UBSan and run the suite
 #   make bench      run the benchmark and rewrite docs/BENCHMARKS.md
+#   make golden     install PyTorch and recompute the reference outputs of
+#                   the tiny layers in data/layers
 #
 # No fast-math flag is used anywhere: the golden check compares bits.
 # -ffp-contract=off keeps the compiler from fusing a*b+c differently at
@@ -27,7 +29,7 @@ BIN      := $(BUILD)/moe-ep
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all deps run test check sanitize bench clean
+.PHONY: all deps run test check sanitize bench golden clean
 all: $(BIN) $(TEST_BIN)
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard include/*.h) | $(BUILD)/obj
@@ -47,6 +49,15 @@ $(BUILD)/obj $(BUILD)/tests:
 
 deps:
 	tools/install-deps.sh
+
+# The reference needs Debian's python3-torch, which the default python3 of
+# some machines cannot import, hence /usr/bin/python3. The minimum gap of
+# 1e-5 between the K-th and (K+1)-th selection score is 100 times the
+# float32 rounding of the scores, so moe-ep must select the same experts.
+GOLDEN_LAYERS := $(wildcard data/layers/*)
+golden:
+	tools/install-deps.sh python3-torch python3-numpy
+	/usr/bin/python3 tools/torch_reference.py --min-gap 1e-5 $(GOLDEN_LAYERS)
 
 run: deps
 	$(MAKE) $(BIN)

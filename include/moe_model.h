@@ -81,7 +81,7 @@ struct moe_model_config {
     struct moe_router router;
     /* Which layers are MoE layers: */
     int64_t first_k_dense_replace; /* deepseek_v3, else 0 */
-    int64_t moe_layer_freq;        /* deepseek_v3, else 1 */
+    int64_t moe_layer_freq;        /* always 1: the only value accepted */
     int64_t decoder_sparse_step;   /* qwen2_moe and qwen3_moe, else 1 */
     int64_t *mlp_only_layers;      /* qwen2_moe and qwen3_moe, or NULL */
     int64_t mlp_only_count;

@@ -156,14 +156,16 @@ static int json_int(const struct moe_model_config *c, const cJSON *root,
     return 0;
 }
 
+/* Reads boolean field `name`, which must be present: the transformers
+ * defaults of norm_topk_prob differ by family and version, so moe-ep does
+ * not guess. */
 static int json_bool(const struct moe_model_config *c, const cJSON *root,
-                     const char *name, int fallback, int *out)
+                     const char *name, int *out)
 {
     const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, name);
-    if (!item || cJSON_IsNull(item)) {
-        *out = fallback;
-        return 0;
-    }
+    if (!item || cJSON_IsNull(item))
+        return moe_fail(-EINVAL, "%s: field '%s' is missing; %s configs need it",
+                        c->path, name, c->family->model_type);
     if (!cJSON_IsBool(item))
         return moe_fail(-EINVAL, "%s: field '%s' is not true or false", c->path, name);
     *out = cJSON_IsTrue(item);
@@ -249,7 +251,7 @@ static int read_family_fields(struct moe_model_config *c, const cJSON *root)
         /* norm_topk_prob as in olmoe. */
         __attribute__((fallthrough));
     case MOE_FAMILY_OLMOE:
-        if ((rc = json_bool(c, root, "norm_topk_prob", 0, &flag)))
+        if ((rc = json_bool(c, root, "norm_topk_prob", &flag)))
             return rc;
         c->router.renormalize = flag;
         break;
@@ -259,13 +261,19 @@ static int read_family_fields(struct moe_model_config *c, const cJSON *root)
             (rc = json_int(c, root, "topk_group", 1, 0, 1, MOE_MAX_EXPERTS,
                            &c->router.topk_groups)) ||
             (rc = json_int(c, root, "n_shared_experts", 1, 0, 0, 1024, &shared_experts)) ||
-            (rc = json_int(c, root, "first_k_dense_replace", 0, 0, 0, big,
+            (rc = json_int(c, root, "first_k_dense_replace", 1, 0, 0, big,
                            &c->first_k_dense_replace)) ||
             (rc = json_int(c, root, "moe_layer_freq", 0, 1, 1, big, &c->moe_layer_freq)) ||
-            (rc = json_bool(c, root, "norm_topk_prob", 1, &flag)) ||
+            (rc = json_bool(c, root, "norm_topk_prob", &flag)) ||
             (rc = json_expect_string(c, root, "scoring_func", "sigmoid")) ||
             (rc = json_expect_string(c, root, "topk_method", "noaux_tc")))
             return rc;
+        /* transformers' DeepseekV3 ignores moe_layer_freq, so its meaning
+         * for values above 1 is unsettled; the published config has 1. */
+        if (c->moe_layer_freq != 1)
+            return moe_fail(-EINVAL, "%s: field 'moe_layer_freq' is %" PRId64 "; moe-ep "
+                            "supports only 1, a MoE layer after every dense one",
+                            c->path, c->moe_layer_freq);
         c->router.renormalize = flag;
         c->router.scoring = MOE_SCORING_SIGMOID;
         c->shared_ffn = shared_experts * c->ffn;

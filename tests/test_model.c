@@ -633,3 +633,91 @@ Test(model, stage_check_reports_corrupted_stage, .timeout = 60)
     }
     remove_tree(dir);
 }
+
+/* ---- the committed PyTorch vectors ----------------------------------------- */
+
+/* Runs the tiny layer data/layers/NAME on 3 ranks and compares it with the
+ * float64 output and the top-k ids that tools/torch_reference.py computed
+ * from the published math of the family.
+ *
+ * Tolerance: |moe-ep - reference| <= 1e-5 * |reference| + 1e-5 * max|reference|.
+ * moe-ep computes in float32 and the reference in float64 from the same
+ * float32 weights, so they differ by float32 rounding only: the worst seen
+ * is 4.7e-7 of max|reference| (deepseek_v3), a margin of 20. The absolute
+ * term scales with the output because single outputs near zero come from
+ * sums that cancel, where an element's relative error is unbounded. The ids
+ * must match exactly: every layer was generated with a selection gap of at
+ * least 8e-5 between the K-th and (K+1)-th expert, far above the float32
+ * rounding of the scores (about 1e-7). */
+static void check_torch_vectors(const char *name)
+{
+    char layer[128], tokens[160], dump[96], path[256];
+    snprintf(layer, sizeof layer, "data/layers/%s", name);
+    snprintf(tokens, sizeof tokens, "%s/tokens.npy", layer);
+    char dir[64];
+    make_temp_dir(dir, sizeof dir);
+    snprintf(dump, sizeof dump, "%s/dump", dir);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", "--model", layer, "--input", tokens, "--ranks", "3",
+                                 "--dump", dump, NULL});
+    cr_assert_eq(o.status, 0, "%s: %s", name, o.err);
+
+    struct moe_npy_array out, expected, ids, expected_ids;
+    read_npy(dump, "output", &out);
+    read_npy(dump, "topk_ids", &ids);
+    snprintf(path, sizeof path, "%s/expected_output.npy", layer);
+    cr_assert_eq(moe_npy_read(path, 1 << 30, &expected), 0, "%s", path);
+    snprintf(path, sizeof path, "%s/expected_topk_ids.npy", layer);
+    cr_assert_eq(moe_npy_read(path, 1 << 30, &expected_ids), 0, "%s", path);
+    cr_assert_eq(expected.dtype, MOE_NPY_F64);
+    cr_assert_eq(out.count, expected.count);
+    cr_assert_eq(ids.count, expected_ids.count);
+    cr_assert(memcmp(ids.data, expected_ids.data, (size_t)ids.count * 4) == 0,
+              "%s: top-k ids differ from the PyTorch reference", name);
+
+    const float *a = out.data;
+    const double *b = expected.data;
+    double scale = 0, worst = 0;
+    for (int64_t i = 0; i < out.count; i++)
+        scale = fabs(b[i]) > scale ? fabs(b[i]) : scale;
+    cr_assert_gt(scale, 0);
+    for (int64_t i = 0; i < out.count; i++) {
+        double error = fabs((double)a[i] - b[i]);
+        worst = error > worst ? error : worst;
+        cr_assert(error <= 1e-5 * fabs(b[i]) + 1e-5 * scale,
+                  "%s: element %ld is %.9g, reference %.9g", name, (long)i, a[i], b[i]);
+    }
+    cr_log_info("%s: max error %.3g of max|reference| %.3g", name, worst, scale);
+
+    moe_npy_array_free(&out);
+    moe_npy_array_free(&expected);
+    moe_npy_array_free(&ids);
+    moe_npy_array_free(&expected_ids);
+    remove_tree(dir);
+}
+
+Test(model, mixtral_matches_torch, .timeout = 30)
+{
+    check_torch_vectors("mixtral");
+}
+
+Test(model, qwen2_moe_matches_torch, .timeout = 30)
+{
+    check_torch_vectors("qwen2_moe");
+}
+
+Test(model, qwen3_moe_matches_torch, .timeout = 30)
+{
+    check_torch_vectors("qwen3_moe");
+}
+
+Test(model, olmoe_matches_torch, .timeout = 30)
+{
+    check_torch_vectors("olmoe");
+}
+
+Test(model, deepseek_v3_matches_torch, .timeout = 30)
+{
+    check_torch_vectors("deepseek_v3");
+}

@@ -1,10 +1,11 @@
 #!/bin/sh
-# Installs the Debian packages moe-ep needs to build and test, if missing.
+# Installs the Debian packages moe-ep needs to build and test, if missing,
+# plus any packages named as arguments (make golden adds python3-torch).
 # Uses sudo when not run as root. On a system without apt-get it names the
 # packages and stops with status 1.
 set -eu
 
-packages="build-essential pkg-config libopenblas-dev libcriterion-dev libcjson-dev"
+packages="build-essential pkg-config libopenblas-dev libcriterion-dev libcjson-dev $*"
 
 missing=""
 for p in $packages; do
