@@ -2,8 +2,10 @@
  * test_npy.c - tests of the .npy reader, writer and header parser.
  *
  * Checks that arrays round-trip bit for bit and that the writer aligns the
- * data to 64 bytes and matches np.save() byte for byte. Files written by
- * numpy in versions 1.0, 2.0 and 3.0 must be read. Every kind of bad file
+ * data to 64 bytes and matches np.save() byte for byte, for every dtype and
+ * 0 to 8 dimensions. Files written by numpy in versions 1.0, 2.0 and 3.0
+ * must be read, and the token input must convert float16 exactly and
+ * float64 to the nearest float32. Every kind of bad file
  * must be rejected with -EINVAL and a message naming the file and the
  * reason. Each test works in its own temporary directory, removed by the
  * suite's fini hook.
@@ -903,4 +905,747 @@ Test(npy, write_rejects_invalid_shape)
     cr_assert_eq(moe_npy_write_f32(path, NULL, 1, 1), -EINVAL);
     expect_message_contains("data is NULL");
     cr_assert_eq(access(path, F_OK), -1, "a rejected write created a file");
+}
+
+/* ---- arrays of every dtype and 0 to 8 dimensions ----------------------- */
+
+/* One np.save() output of numpy 1.24.2 (Python 3.11), kept as its parts:
+ * every header below is 118 bytes long (version 1.0, data at byte 128). */
+struct numpy_fixture {
+    const char *name;
+    enum moe_npy_dtype dtype;
+    int ndim;
+    int64_t shape[MOE_NPY_MAX_DIMS];
+    const char *dict;  /* the header dict as np.save() wrote it */
+    size_t spaces;     /* spaces np.save() put between the dict and '\n' */
+    const char *data;  /* the data bytes */
+    size_t data_bytes;
+};
+
+#define FIXTURE_DATA(literal) literal, sizeof literal - 1
+
+static const struct numpy_fixture numpy_fixtures[] = {
+    /* np.array([1, -2, 0.5, 65504, np.nan], np.float16) */
+    {"f16_1d", MOE_NPY_F16, 1, {5},
+     "{'descr': '<f2', 'fortran_order': False, 'shape': (5,), }", 60,
+     FIXTURE_DATA("\x00\x3c\x00\xc0\x00\x38\xff\x7b\x00\x7e")},
+    /* np.array([[1.5, -0.0], [1e300, np.inf]]) */
+    {"f64_2d", MOE_NPY_F64, 2, {2, 2},
+     "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 2), }", 58,
+     FIXTURE_DATA("\x00\x00\x00\x00\x00\x00\xf8\x3f"
+                  "\x00\x00\x00\x00\x00\x00\x00\x80"
+                  "\x9c\x75\x00\x88\x3c\xe4\x37\x7e"
+                  "\x00\x00\x00\x00\x00\x00\xf0\x7f")},
+    /* np.array([[[1], [-2], [3]], [[2**31 - 1], [-2**31], [0]]], np.int32) */
+    {"i32_3d", MOE_NPY_I32, 3, {2, 3, 1},
+     "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3, 1), }", 55,
+     FIXTURE_DATA("\x01\x00\x00\x00\xfe\xff\xff\xff\x03\x00\x00\x00"
+                  "\xff\xff\xff\x7f\x00\x00\x00\x80\x00\x00\x00\x00")},
+    /* np.array(-7, np.int64), a 0-D array: no room is left for growth */
+    {"i64_0d", MOE_NPY_I64, 0, {0},
+     "{'descr': '<i8', 'fortran_order': False, 'shape': (), }", 62,
+     FIXTURE_DATA("\xf9\xff\xff\xff\xff\xff\xff\xff")},
+    /* np.array([[True, False, True], [False, False, True]]) */
+    {"bool_2d", MOE_NPY_BOOL, 2, {2, 3},
+     "{'descr': '|b1', 'fortran_order': False, 'shape': (2, 3), }", 58,
+     FIXTURE_DATA("\x01\x00\x01\x00\x00\x01")},
+    /* np.array([7, 0, 255], np.uint8).reshape(1, 1, 1, 1, 1, 1, 1, 3) */
+    {"u8_8d", MOE_NPY_U8, 8, {1, 1, 1, 1, 1, 1, 1, 3},
+     "{'descr': '|u1', 'fortran_order': False, "
+     "'shape': (1, 1, 1, 1, 1, 1, 1, 3), }", 40,
+     FIXTURE_DATA("\x07\x00\xff")},
+    /* np.zeros((0, 4), np.float32) */
+    {"f32_empty", MOE_NPY_F32, 2, {0, 4},
+     "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 4), }", 58,
+     FIXTURE_DATA("")},
+};
+
+/* Assembles the file np.save() wrote for a fixture into a malloc'd buffer
+ * and stores its size. */
+static uint8_t *numpy_fixture_file(const struct numpy_fixture *f,
+                                   size_t *size)
+{
+    size_t dict_bytes = strlen(f->dict);
+    size_t header_bytes = dict_bytes + f->spaces + 1;
+    cr_assert_eq(header_bytes, 118, "%s: fixture header is %zu bytes",
+                 f->name, header_bytes);
+    *size = 10 + header_bytes + f->data_bytes;
+    uint8_t *bytes = malloc(*size);
+    cr_assert_not_null(bytes);
+    memcpy(bytes, "\x93NUMPY\x01\x00\x76\x00", 10);
+    memcpy(bytes + 10, f->dict, dict_bytes);
+    memset(bytes + 10 + dict_bytes, ' ', f->spaces);
+    bytes[10 + dict_bytes + f->spaces] = '\n';
+    memcpy(bytes + 128, f->data, f->data_bytes);
+    return bytes;
+}
+
+Test(npy, writer_matches_numpy_every_dtype)
+{
+    for (size_t i = 0; i < sizeof numpy_fixtures / sizeof numpy_fixtures[0];
+         i++) {
+        const struct numpy_fixture *f = &numpy_fixtures[i];
+        size_t expected_size;
+        uint8_t *expected = numpy_fixture_file(f, &expected_size);
+
+        const char *path = test_path("every_dtype.npy");
+        cr_assert_eq(moe_npy_write(path, f->dtype, f->ndim, f->shape, f->data),
+                     0, "%s: %s", f->name, moe_error_message());
+        size_t size;
+        uint8_t *bytes = read_bytes(path, &size);
+        cr_assert_eq(size, expected_size, "%s: %zu bytes, np.save wrote %zu",
+                     f->name, size, expected_size);
+        for (size_t b = 0; b < size; b++)
+            cr_assert_eq(bytes[b], expected[b],
+                         "%s: byte %zu is 0x%02x, np.save wrote 0x%02x",
+                         f->name, b, bytes[b], expected[b]);
+        free(bytes);
+        free(expected);
+    }
+}
+
+Test(npy, read_numpy_file_of_every_dtype)
+{
+    for (size_t i = 0; i < sizeof numpy_fixtures / sizeof numpy_fixtures[0];
+         i++) {
+        const struct numpy_fixture *f = &numpy_fixtures[i];
+        size_t size;
+        uint8_t *bytes = numpy_fixture_file(f, &size);
+        const char *path = test_path("numpy_dtype.npy");
+        write_bytes(path, bytes, size);
+        free(bytes);
+
+        struct moe_npy_array array;
+        cr_assert_eq(moe_npy_read(path, UINT64_MAX, &array), 0, "%s: %s",
+                     f->name, moe_error_message());
+        cr_assert_eq(array.dtype, f->dtype, "%s: dtype %d", f->name,
+                     (int)array.dtype);
+        cr_assert_eq(array.ndim, f->ndim, "%s: ndim %d", f->name, array.ndim);
+        int64_t count = 1;
+        for (int d = 0; d < f->ndim; d++) {
+            cr_assert_eq(array.shape[d], f->shape[d], "%s: dimension %d",
+                         f->name, d);
+            count *= f->shape[d];
+        }
+        cr_assert_eq(array.count, count, "%s: count %" PRId64, f->name,
+                     array.count);
+        cr_assert_not_null(array.data, "%s: data is NULL", f->name);
+        cr_assert_eq(memcmp(array.data, f->data, f->data_bytes), 0,
+                     "%s: data differs", f->name);
+        moe_npy_array_free(&array);
+        cr_assert_null(array.data, "moe_npy_array_free left data set");
+    }
+}
+
+Test(npy, round_trip_every_dtype_and_ndim)
+{
+    static const enum moe_npy_dtype dtypes[] = {
+        MOE_NPY_F16, MOE_NPY_F32, MOE_NPY_F64, MOE_NPY_I32,
+        MOE_NPY_I64, MOE_NPY_BOOL, MOE_NPY_U8,
+    };
+    static const size_t sizes[] = {2, 4, 8, 4, 8, 1, 1};
+    static uint8_t data[2 * 3 * 2 * 1 * 2 * 1 * 2 * 2 * 8];
+
+    for (size_t t = 0; t < sizeof dtypes / sizeof dtypes[0]; t++) {
+        cr_assert_eq(moe_npy_dtype_size(dtypes[t]), sizes[t], "dtype %zu", t);
+        for (int ndim = 0; ndim <= MOE_NPY_MAX_DIMS; ndim++) {
+            /* Dimensions 2, 3, 2, 1, 2, 1, 2, 2 cover sizes of 1 too. */
+            static const int64_t dims[MOE_NPY_MAX_DIMS] = {2, 3, 2, 1,
+                                                           2, 1, 2, 2};
+            int64_t count = 1;
+            for (int d = 0; d < ndim; d++)
+                count *= dims[d];
+            size_t bytes = (size_t)count * sizes[t];
+            for (size_t b = 0; b < bytes; b++)
+                data[b] = dtypes[t] == MOE_NPY_BOOL ? (uint8_t)(b % 3 == 1)
+                                                    : (uint8_t)(b * 37 + t);
+
+            const char *path = test_path("round_trip_nd.npy");
+            cr_assert_eq(moe_npy_write(path, dtypes[t], ndim, dims, data), 0,
+                         "%s ndim %d: %s", moe_npy_dtype_name(dtypes[t]), ndim,
+                         moe_error_message());
+            struct moe_npy_array array;
+            cr_assert_eq(moe_npy_read(path, UINT64_MAX, &array), 0,
+                         "%s ndim %d: %s", moe_npy_dtype_name(dtypes[t]), ndim,
+                         moe_error_message());
+            cr_assert_eq(array.dtype, dtypes[t]);
+            cr_assert_eq(array.ndim, ndim);
+            cr_assert_eq(array.count, count);
+            for (int d = 0; d < ndim; d++)
+                cr_assert_eq(array.shape[d], dims[d]);
+            cr_assert_eq(memcmp(array.data, data, bytes), 0,
+                         "%s ndim %d: data differs",
+                         moe_npy_dtype_name(dtypes[t]), ndim);
+            moe_npy_array_free(&array);
+        }
+    }
+}
+
+Test(npy, dtype_names_and_kinds)
+{
+    static const struct {
+        enum moe_npy_dtype dtype;
+        const char *descr, *name;
+        char kind;
+    } cases[] = {
+        {MOE_NPY_F16, "<f2", "float16", 'f'},
+        {MOE_NPY_F32, "<f4", "float32", 'f'},
+        {MOE_NPY_F64, "<f8", "float64", 'f'},
+        {MOE_NPY_I32, "<i4", "int32", 'i'},
+        {MOE_NPY_I64, "<i8", "int64", 'i'},
+        {MOE_NPY_BOOL, "|b1", "bool", 'b'},
+        {MOE_NPY_U8, "|u1", "uint8", 'u'},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        cr_assert_str_eq(moe_npy_dtype_descr(cases[i].dtype), cases[i].descr);
+        cr_assert_str_eq(moe_npy_dtype_name(cases[i].dtype), cases[i].name);
+        cr_assert_eq(moe_npy_dtype_kind(cases[i].dtype), cases[i].kind);
+    }
+}
+
+Test(npy, one_byte_dtypes_any_byte_order)
+{
+    /* Byte order does not apply to one-byte elements, but some writers,
+     * such as cnpy, put '<' there. */
+    static const struct {
+        const char *descr;
+        enum moe_npy_dtype dtype;
+    } cases[] = {
+        {"<b1", MOE_NPY_BOOL}, {">b1", MOE_NPY_BOOL}, {"=b1", MOE_NPY_BOOL},
+        {"<u1", MOE_NPY_U8},   {">u1", MOE_NPY_U8},   {"=u1", MOE_NPY_U8},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char dict[128];
+        snprintf(dict, sizeof dict,
+                 "{'descr': '%s', 'fortran_order': False, 'shape': (2,), }",
+                 cases[i].descr);
+        uint8_t image[256];
+        size_t count = build_npy(image, sizeof image, 1, 0, dict, 2);
+        const char *path = test_path("one_byte.npy");
+        write_bytes(path, image, count);
+
+        struct moe_npy_array array;
+        cr_assert_eq(moe_npy_read(path, UINT64_MAX, &array), 0, "%s: %s",
+                     cases[i].descr, moe_error_message());
+        cr_assert_eq(array.dtype, cases[i].dtype, "%s", cases[i].descr);
+        cr_assert_eq(array.count, 2);
+        moe_npy_array_free(&array);
+    }
+}
+
+Test(npy, read_fortran_order_only_below_2d)
+{
+    uint8_t image[256];
+    size_t count = build_npy(image, sizeof image, 1, 0,
+                             "{'descr': '<i4', 'fortran_order': True, "
+                             "'shape': (3,), }",
+                             12);
+    const char *path = test_path("fortran_1d.npy");
+    write_bytes(path, image, count);
+    struct moe_npy_array array;
+    cr_assert_eq(moe_npy_read(path, UINT64_MAX, &array), 0, "%s",
+                 moe_error_message());
+    cr_assert_eq(array.count, 3);
+    moe_npy_array_free(&array);
+
+    count = build_npy(image, sizeof image, 1, 0,
+                      "{'descr': '<i4', 'fortran_order': True, "
+                      "'shape': (2, 3), }",
+                      24);
+    path = test_path("fortran_2d.npy");
+    write_bytes(path, image, count);
+    array.data = &array; /* must be cleared on failure */
+    cr_assert_eq(moe_npy_read(path, UINT64_MAX, &array), -EINVAL);
+    cr_assert_null(array.data);
+    expect_message_contains(path);
+    expect_message_contains("Fortran (column-major) order");
+}
+
+/* Reads a file built from `dict` with moe_npy_read() and expects -EINVAL,
+ * a zeroed array and a message naming the file and `reason`. */
+static void expect_array_rejected(const char *name, const char *dict,
+                                  size_t data_bytes, uint64_t max_bytes,
+                                  const char *reason)
+{
+    uint8_t image[512];
+    size_t count = build_npy(image, sizeof image, 1, 0, dict, data_bytes);
+    const char *path = test_path(name);
+    write_bytes(path, image, count);
+
+    struct moe_npy_array array;
+    array.data = &array;
+    array.count = -1;
+    moe_error_clear();
+    int rc = moe_npy_read(path, max_bytes, &array);
+    cr_assert_eq(rc, -EINVAL, "%s: rc %d, expected -EINVAL (%s)", name, rc,
+                 moe_error_message());
+    cr_assert_null(array.data, "%s: data not NULL after a failure", name);
+    cr_assert_eq(array.count, 0, "%s: count not 0 after a failure", name);
+    expect_message_contains(path);
+    expect_message_contains(reason);
+}
+
+Test(npy, read_rejects_other_dtypes)
+{
+    static const struct {
+        const char *descr;
+        const char *reason;
+    } cases[] = {
+        {"<c8", "unsupported dtype '<c8'; expected one of float16 ('<f2'), "
+                "float32 ('<f4'), float64 ('<f8'), int32 ('<i4'), int64 "
+                "('<i8'), bool ('|b1'), uint8 ('|u1')"},
+        {"<u4", "unsupported dtype '<u4'"},
+        {"|i1", "unsupported dtype '|i1'"},
+        {"|S3", "unsupported dtype '|S3'"},
+        {"=f4", "unsupported dtype '=f4'"},
+        {"f4", "unsupported dtype 'f4'"},
+        {">f4", "unsupported dtype '>f4' (big-endian float32)"},
+        {">i8", "unsupported dtype '>i8' (big-endian int64)"},
+        {">f2", ".astype('<f2')"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char dict[128], name[32];
+        snprintf(dict, sizeof dict,
+                 "{'descr': '%s', 'fortran_order': False, 'shape': (2,), }",
+                 cases[i].descr);
+        snprintf(name, sizeof name, "other_dtype%zu.npy", i);
+        expect_array_rejected(name, dict, 16, UINT64_MAX, cases[i].reason);
+    }
+}
+
+Test(npy, read_rejects_invalid_bool_bytes)
+{
+    uint8_t image[256];
+    size_t count = build_npy(image, sizeof image, 1, 0,
+                             "{'descr': '|b1', 'fortran_order': False, "
+                             "'shape': (4,), }",
+                             4);
+    /* build_npy fills the data with 0, 1, 2, 3. */
+    const char *path = test_path("bool2.npy");
+    write_bytes(path, image, count);
+    struct moe_npy_array array;
+    cr_assert_eq(moe_npy_read(path, UINT64_MAX, &array), -EINVAL);
+    cr_assert_null(array.data);
+    expect_message_contains(path);
+    expect_message_contains("invalid bool value 0x02 at element 2");
+}
+
+Test(npy, read_checks_limit_before_allocating)
+{
+    /* 3 * 5 int64 values are 120 bytes. */
+    const char *dict = "{'descr': '<i8', 'fortran_order': False, "
+                       "'shape': (3, 5), }";
+    expect_array_rejected("limit.npy", dict, 120, 119,
+                          "the array's 120 bytes exceed the limit of 119 "
+                          "bytes");
+
+    uint8_t image[512];
+    size_t count = build_npy(image, sizeof image, 1, 0, dict, 120);
+    write_bytes(test_path("limit_ok.npy"), image, count);
+    struct moe_npy_array array;
+    cr_assert_eq(moe_npy_read(test_path("limit_ok.npy"), 120, &array), 0, "%s",
+                 moe_error_message());
+    moe_npy_array_free(&array);
+
+    /* A limit of 2^41 lets a shape of 2^40 bytes past the limit check.
+     * The file size then rejects it, before any allocation. */
+    expect_array_rejected("huge_nd.npy",
+                          "{'descr': '|u1', 'fortran_order': False, "
+                          "'shape': (1024, 1024, 1024, 1024), }",
+                          16, (uint64_t)1 << 41,
+                          "expected 1099511627776 bytes after the header, "
+                          "found 16");
+}
+
+Test(npy, read_rejects_bad_sizes_any_ndim)
+{
+    expect_array_rejected("nd_overflow.npy",
+                          "{'descr': '<i8', 'fortran_order': False, "
+                          "'shape': (1048576, 1048576, 1048576, 8), }",
+                          0, UINT64_MAX,
+                          "shape (1048576, 1048576, 1048576, 8) of int64 is "
+                          "too large: its size in bytes overflows");
+    expect_array_rejected("nd_truncated.npy",
+                          "{'descr': '<f2', 'fortran_order': False, "
+                          "'shape': (2, 2, 2), }",
+                          15, UINT64_MAX,
+                          "truncated .npy data: expected 16 bytes after the "
+                          "header, found 15");
+    expect_array_rejected("nd_trailing.npy",
+                          "{'descr': '<f2', 'fortran_order': False, "
+                          "'shape': (2, 2, 2), }",
+                          17, UINT64_MAX,
+                          "1 trailing bytes after the 16 bytes of data");
+    expect_array_rejected("0d_truncated.npy",
+                          "{'descr': '<f8', 'fortran_order': False, "
+                          "'shape': (), }",
+                          4, UINT64_MAX,
+                          "expected 8 bytes after the header, found 4");
+}
+
+Test(npy, read_zero_sized_array_has_data)
+{
+    /* A zero dimension makes the count 0 even when the others are huge. */
+    uint8_t image[256];
+    size_t count = build_npy(image, sizeof image, 1, 0,
+                             "{'descr': '<f8', 'fortran_order': False, "
+                             "'shape': (4611686018427387904, 0, 7), }",
+                             0);
+    const char *path = test_path("zero_sized.npy");
+    write_bytes(path, image, count);
+    struct moe_npy_array array;
+    cr_assert_eq(moe_npy_read(path, UINT64_MAX, &array), 0, "%s",
+                 moe_error_message());
+    cr_assert_eq(array.count, 0);
+    cr_assert_eq(array.ndim, 3);
+    cr_assert_not_null(array.data, "an empty array must still be non-NULL");
+    moe_npy_array_free(&array);
+}
+
+Test(npy, write_rejects_invalid_arrays)
+{
+    const char *path = test_path("invalid_array.npy");
+    const int64_t shape[2] = {2, 3};
+    static const uint8_t values[6] = {0, 1, 1, 0, 2, 1};
+
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_I32, -1, shape, values), -EINVAL);
+    expect_message_contains("invalid ndim -1: expected 0 to 8");
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_I32, 9, shape, values), -EINVAL);
+    expect_message_contains("invalid ndim 9");
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_I32, 2, NULL, values), -EINVAL);
+    expect_message_contains("shape is NULL");
+    cr_assert_eq(moe_npy_write(path, (enum moe_npy_dtype)99, 2, shape, values),
+                 -EINVAL);
+    expect_message_contains("invalid dtype 99");
+
+    const int64_t negative[3] = {2, -1, 3};
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_U8, 3, negative, values), -EINVAL);
+    expect_message_contains("invalid shape (2, -1, 3): dimensions must be >= 0");
+
+    const int64_t huge[3] = {INT64_MAX / 2, 2, 2};
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_U8, 3, huge, values), -EINVAL);
+    expect_message_contains("its size in bytes overflows");
+
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_F64, 2, shape, NULL), -EINVAL);
+    expect_message_contains("data is NULL");
+
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_BOOL, 2, shape, values), -EINVAL);
+    expect_message_contains(path);
+    expect_message_contains("invalid bool value 0x02 at element 4");
+
+    cr_assert_eq(access(path, F_OK), -1, "a rejected write created a file");
+}
+
+Test(npy, write_zero_dim_without_shape)
+{
+    const char *path = test_path("scalar.npy");
+    const double value = -2.5;
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_F64, 0, NULL, &value), 0, "%s",
+                 moe_error_message());
+    struct moe_npy_array array;
+    cr_assert_eq(moe_npy_read(path, UINT64_MAX, &array), 0, "%s",
+                 moe_error_message());
+    cr_assert_eq(array.ndim, 0);
+    cr_assert_eq(array.count, 1);
+    cr_assert_eq(memcmp(array.data, &value, sizeof value), 0);
+    moe_npy_array_free(&array);
+}
+
+Test(npy, format_shape_like_python)
+{
+    char text[64];
+    const int64_t shape[3] = {2, 0, 30};
+    moe_npy_format_shape(0, shape, text, sizeof text);
+    cr_assert_str_eq(text, "()");
+    moe_npy_format_shape(1, shape, text, sizeof text);
+    cr_assert_str_eq(text, "(2,)");
+    moe_npy_format_shape(3, shape, text, sizeof text);
+    cr_assert_str_eq(text, "(2, 0, 30)");
+    moe_npy_format_shape(3, shape, text, 6);
+    cr_assert_str_eq(text, "(2, 0", "a short buffer must end in a NUL");
+}
+
+/* ---- token input: moe_npy_read_as_f32 --------------------------------- */
+
+/* Writes a file of `dict` followed by the given data bytes. */
+static void write_npy_with_data(const char *path, const char *dict,
+                                const void *data, size_t data_bytes)
+{
+    uint8_t image[512];
+    size_t count = build_npy(image, sizeof image, 1, 0, dict, data_bytes);
+    memcpy(image + count - data_bytes, data, data_bytes);
+    write_bytes(path, image, count);
+}
+
+Test(npy, token_input_float32)
+{
+    const char *path = test_path("tokens_f32.npy");
+    write_bytes(path, numpy_v1_file, sizeof numpy_v1_file);
+
+    float *data = NULL;
+    int64_t rows = 0, cols = 0;
+    cr_assert_eq(moe_npy_read_as_f32(path, UINT64_MAX, &data, &rows, &cols), 0,
+                 "%s", moe_error_message());
+    cr_assert_eq(rows, 2);
+    cr_assert_eq(cols, 3);
+    float expected[6];
+    for (int i = 0; i < 6; i++)
+        expected[i] = float_from_bits(numpy_fixture_bits[i]);
+    expect_bitwise_equal(data, expected, 6, "float32 tokens");
+    free(data);
+}
+
+Test(npy, token_input_float16_converts_exactly)
+{
+    /* float16 bit patterns and the float32 bits of their exact values:
+     * 1, -2, max 65504, the smallest subnormal 2^-24, the largest
+     * subnormal, -0, +inf and a quiet NaN. */
+    static const uint16_t half[8] = {0x3c00, 0xc000, 0x7bff, 0x0001,
+                                     0x03ff, 0x8000, 0x7c00, 0x7e00};
+    static const uint32_t expected_bits[8] = {
+        0x3f800000, 0xc0000000, 0x477fe000, 0x33800000,
+        0x387fc000, 0x80000000, 0x7f800000, 0x7fc00000,
+    };
+    const char *path = test_path("tokens_f16.npy");
+    write_npy_with_data(path,
+                        "{'descr': '<f2', 'fortran_order': False, "
+                        "'shape': (2, 4), }",
+                        half, sizeof half);
+
+    float *data = NULL;
+    int64_t rows = 0, cols = 0;
+    cr_assert_eq(moe_npy_read_as_f32(path, UINT64_MAX, &data, &rows, &cols), 0,
+                 "%s", moe_error_message());
+    cr_assert_eq(rows, 2);
+    cr_assert_eq(cols, 4);
+    for (int i = 0; i < 8; i++) {
+        uint32_t bits;
+        memcpy(&bits, &data[i], sizeof bits);
+        cr_assert_eq(bits, expected_bits[i],
+                     "float16 0x%04x became 0x%08x, expected 0x%08x", half[i],
+                     bits, expected_bits[i]);
+    }
+    free(data);
+}
+
+static double double_from_bits(uint64_t bits)
+{
+    double v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+Test(npy, token_input_float64_rounds_to_nearest)
+{
+    /* 1 + 2^-24 lies halfway between 1 and the next float32 and rounds to
+     * the even one, 1; 1 + 3 * 2^-24 rounds up to 1 + 2^-22, also even.
+     * 0.1 rounds to 0x3dcccccd, 1e300 overflows to +inf and -1e-50
+     * underflows to -0. */
+    static const uint64_t double_bits[6] = {
+        0x3ff0000010000000, /* 1 + 2^-24 */
+        0x3ff0000030000000, /* 1 + 3 * 2^-24 */
+        0x3fb999999999999a, /* 0.1 */
+        0x7e37e43c8800759c, /* 1e300 */
+        0xb58dee7a4ad4b81f, /* -1e-50 */
+        0x7ff8000000000000, /* NaN */
+    };
+    static const uint32_t expected_bits[6] = {
+        0x3f800000, 0x3f800002, 0x3dcccccd, 0x7f800000, 0x80000000, 0x7fc00000,
+    };
+    double values[6];
+    for (int i = 0; i < 6; i++)
+        values[i] = double_from_bits(double_bits[i]);
+    const char *path = test_path("tokens_f64.npy");
+    write_npy_with_data(path,
+                        "{'descr': '<f8', 'fortran_order': False, "
+                        "'shape': (3, 2), }",
+                        values, sizeof values);
+
+    float *data = NULL;
+    int64_t rows = 0, cols = 0;
+    cr_assert_eq(moe_npy_read_as_f32(path, UINT64_MAX, &data, &rows, &cols), 0,
+                 "%s", moe_error_message());
+    cr_assert_eq(rows, 3);
+    cr_assert_eq(cols, 2);
+    for (int i = 0; i < 6; i++) {
+        uint32_t bits;
+        memcpy(&bits, &data[i], sizeof bits);
+        cr_assert_eq(bits, expected_bits[i],
+                     "float64 0x%016" PRIx64 " became 0x%08x, expected 0x%08x",
+                     double_bits[i], bits, expected_bits[i]);
+    }
+    free(data);
+}
+
+Test(npy, token_input_spans_several_pieces)
+{
+    /* 3000 float64 values are 24000 bytes, more than the reader's 16 KiB
+     * piece, so the conversion crosses a piece boundary. Integers up to
+     * 3000 are exact in both types. */
+    enum { ROWS = 1000, COLS = 3 };
+    static double values[ROWS * COLS];
+    for (int i = 0; i < ROWS * COLS; i++)
+        values[i] = (double)(i - 1500);
+    const int64_t shape[2] = {ROWS, COLS};
+    const char *path = test_path("tokens_big_f64.npy");
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_F64, 2, shape, values), 0, "%s",
+                 moe_error_message());
+
+    float *data = NULL;
+    int64_t rows = 0, cols = 0;
+    cr_assert_eq(moe_npy_read_as_f32(path, UINT64_MAX, &data, &rows, &cols), 0,
+                 "%s", moe_error_message());
+    cr_assert_eq(rows, ROWS);
+    cr_assert_eq(cols, COLS);
+    for (int i = 0; i < ROWS * COLS; i++)
+        cr_assert_eq(data[i], (float)(i - 1500), "element %d is %g", i,
+                     (double)data[i]);
+    free(data);
+}
+
+Test(npy, token_input_limit_is_float32_size)
+{
+    /* A (2, 3) float16 file has 12 data bytes but 24 as float32; the limit
+     * applies to the float32 array. */
+    static const uint16_t half[6] = {0x3c00, 0x3c00, 0x3c00,
+                                     0x3c00, 0x3c00, 0x3c00};
+    const char *path = test_path("tokens_limit.npy");
+    write_npy_with_data(path,
+                        "{'descr': '<f2', 'fortran_order': False, "
+                        "'shape': (2, 3), }",
+                        half, sizeof half);
+
+    float *data = NULL;
+    int64_t rows = -1, cols = -1;
+    cr_assert_eq(moe_npy_read_as_f32(path, 23, &data, &rows, &cols), -EINVAL);
+    cr_assert_null(data);
+    cr_assert_eq(rows, 0);
+    cr_assert_eq(cols, 0);
+    expect_message_contains(path);
+    expect_message_contains("the array's 24 bytes exceed the limit of 23 bytes");
+
+    cr_assert_eq(moe_npy_read_as_f32(path, 24, &data, &rows, &cols), 0, "%s",
+                 moe_error_message());
+    free(data);
+}
+
+/* Expects moe_npy_read_as_f32() to reject the file at path with -EINVAL,
+ * cleared outputs and a message naming the file and `reason`. */
+static void expect_token_input_rejected(const char *path, const char *reason)
+{
+    float sentinel;
+    float *data = &sentinel;
+    int64_t rows = -1, cols = -1;
+    moe_error_clear();
+    int rc = moe_npy_read_as_f32(path, UINT64_MAX, &data, &rows, &cols);
+    cr_assert_eq(rc, -EINVAL, "%s: rc %d, expected -EINVAL (%s)", path, rc,
+                 moe_error_message());
+    cr_assert_null(data, "%s: data not NULL after a failure", path);
+    cr_assert_eq(rows, 0);
+    cr_assert_eq(cols, 0);
+    expect_message_contains(path);
+    expect_message_contains(reason);
+}
+
+Test(npy, token_input_rejections)
+{
+    static const struct {
+        const char *name;
+        const char *dict;
+        size_t data_bytes;
+        const char *reason;
+    } cases[] = {
+        {"int32.npy",
+         "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }", 24,
+         "unsupported dtype '<i4'; expected one of float32 ('<f4'), float16 "
+         "('<f2'), float64 ('<f8'), but the file contains int32"},
+        {"bool.npy",
+         "{'descr': '|b1', 'fortran_order': False, 'shape': (2, 3), }", 6,
+         "but the file contains bool"},
+        {"bf16.npy",
+         "{'descr': '<V2', 'fortran_order': False, 'shape': (2, 3), }", 12,
+         "unsupported dtype '<V2'; expected one of float32"},
+        {"big_endian.npy",
+         "{'descr': '>f8', 'fortran_order': False, 'shape': (2, 3), }", 48,
+         "unsupported dtype '>f8' (big-endian float64)"},
+        {"fortran.npy",
+         "{'descr': '<f2', 'fortran_order': True, 'shape': (2, 3), }", 12,
+         "Fortran (column-major) order"},
+        {"fortran_1d.npy",
+         "{'descr': '<f2', 'fortran_order': True, 'shape': (6,), }", 12,
+         "Fortran (column-major) order"},
+        {"one_dim.npy",
+         "{'descr': '<f2', 'fortran_order': False, 'shape': (6,), }", 12,
+         "array has shape (6,); expected a 2-D array"},
+        {"three_dim.npy",
+         "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 2, 3), }", 48,
+         "array has shape (1, 2, 3); expected a 2-D array"},
+        {"scalar.npy",
+         "{'descr': '<f4', 'fortran_order': False, 'shape': (), }", 4,
+         "array has shape (); expected a 2-D array"},
+        {"truncated_f16.npy",
+         "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }", 11,
+         "truncated .npy data: expected 12 bytes after the header, found 11"},
+        {"truncated_f64.npy",
+         "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 3), }", 0,
+         "truncated .npy data: expected 48 bytes after the header, found 0"},
+        {"overlong_f16.npy",
+         "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }", 14,
+         "2 trailing bytes after the 12 bytes of data"},
+        {"overlong_f64.npy",
+         "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 3), }", 49,
+         "1 trailing bytes after the 48 bytes of data"},
+        {"malformed.npy",
+         "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3)", 12,
+         "malformed .npy header"},
+        {"overflow_f16.npy",
+         "{'descr': '<f2', 'fortran_order': False, "
+         "'shape': (3074457345618258602, 1), }",
+         0, "are too many to convert to float32"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        uint8_t image[512];
+        size_t count = build_npy(image, sizeof image, 1, 0, cases[i].dict,
+                                 cases[i].data_bytes);
+        const char *path = test_path(cases[i].name);
+        write_bytes(path, image, count);
+        expect_token_input_rejected(path, cases[i].reason);
+    }
+
+    const char *path = test_path("bad_magic.npy");
+    write_bytes(path, "not a numpy file", 16);
+    expect_token_input_rejected(path, "bad magic");
+}
+
+Test(npy, token_input_truncated_pipe)
+{
+    /* A pipe has no size to check up front, so the converting reader must
+     * notice the missing bytes itself, in the middle of the data. */
+    uint8_t image[512];
+    size_t count = build_npy(image, sizeof image, 1, 0,
+                             "{'descr': '<f8', 'fortran_order': False, "
+                             "'shape': (2, 3), }",
+                             44);
+    int fds[2];
+    cr_assert_eq(pipe(fds), 0, "pipe failed: %s", strerror(errno));
+    cr_assert_eq(write(fds[1], image, count), (ssize_t)count);
+    close(fds[1]);
+
+    char path[64];
+    snprintf(path, sizeof path, "/dev/fd/%d", fds[0]);
+    expect_token_input_rejected(path, "truncated .npy data: expected 48 bytes "
+                                      "after the header, found 44");
+    close(fds[0]);
+}
+
+Test(npy, token_input_missing_file)
+{
+    const char *path = test_path("no_tokens.npy");
+    float *data = NULL;
+    int64_t rows, cols;
+    int rc = moe_npy_read_as_f32(path, UINT64_MAX, &data, &rows, &cols);
+    cr_assert_eq(rc, -ENOENT, "rc %d: %s", rc, moe_error_message());
+    cr_assert_null(data);
+    expect_message_contains(path);
+    expect_message_contains("open failed");
 }
