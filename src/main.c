@@ -6,6 +6,7 @@
  * 3 runtime failure, 128 + signal when SIGINT, SIGTERM or SIGHUP stopped a run.
  */
 #include "moe_bench.h"
+#include "moe_diff.h"
 #include "moe_error.h"
 #include "moe_make_layer.h"
 #include "moe_run.h"
@@ -32,6 +33,8 @@ static void usage(FILE *out)
         "          the sgemm and memcpy floors of this machine\n"
         "  make-layer  write a MoE layer with seeded random weights as a Hugging\n"
         "          Face checkpoint of a model family\n"
+        "  compare compare two .npy files, or two --dump directories stage by\n"
+        "          stage, within a tolerance\n"
         "  help    show this text\n"
         "\n"
         "moe-ep COMMAND --help describes each command's options.\n");
@@ -143,6 +146,8 @@ int main(int argc, char **argv)
         return check_stdout(command_bench(argc - 2, argv + 2));
     if (!strcmp(command, "make-layer"))
         return check_stdout(command_make_layer(argc - 2, argv + 2));
+    if (!strcmp(command, "compare"))
+        return check_stdout(moe_compare_main(argc - 1, argv + 1));
     if (!strcmp(command, "help") || !strcmp(command, "-h") ||
         !strcmp(command, "--help")) {
         usage(stdout);

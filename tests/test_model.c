@@ -721,3 +721,65 @@ Test(model, deepseek_v3_matches_torch, .timeout = 30)
 {
     check_torch_vectors("deepseek_v3");
 }
+
+/* ---- compare on real dumps -------------------------------------------------- */
+
+/* Adds `delta` to float element `index` of an .npy file. */
+static void perturb_npy(const char *path, int64_t index, float delta)
+{
+    struct moe_npy_array a;
+    cr_assert_eq(moe_npy_read(path, 1 << 30, &a), 0, "%s", path);
+    cr_assert_eq(a.dtype, MOE_NPY_F32);
+    cr_assert_lt(index, a.count);
+    ((float *)a.data)[index] += delta;
+    cr_assert_eq(moe_npy_write(path, a.dtype, a.ndim, a.shape, a.data), 0);
+    moe_npy_array_free(&a);
+}
+
+Test(model, compare_names_perturbed_stage, .timeout = 60)
+{
+    char dir[64], ref[96], copy[96], path[160], command[256];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "deepseek_v3");
+    snprintf(ref, sizeof ref, "%s/ref", dir);
+    snprintf(copy, sizeof copy, "%s/copy", dir);
+    struct outcome o;
+    run_model(&o, dir, (const char *[]){"--ranks", "3", "--dump", ref, NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+
+    /* Every file the dump writes is a stage that compare knows, so none is
+     * sorted to the end as unknown: the last line before the verdict is
+     * output.npy. */
+    run_program(&o, NULL, 0, 0, (const char *[]){"compare", ref, ref, NULL});
+    cr_assert_eq(o.status, 0, "%s%s", o.out, o.err);
+    cr_assert_not_null(strstr(o.out, "stages match"), "%s", o.out);
+    const char *output_line = strstr(o.out, "output.npy");
+    cr_assert_not_null(output_line);
+    cr_assert_not_null(strstr(strchr(output_line, '\n'), "stages match"));
+    cr_assert_null(strstr(strchr(output_line, '\n') + 1, ".npy"), "%s", o.out);
+
+    /* A copy with one expert output perturbed diverges there, and the
+     * stages before it still match. */
+    snprintf(command, sizeof command, "cp -r %s %s", ref, copy);
+    cr_assert_eq(system(command), 0);
+    snprintf(path, sizeof path, "%s/expert_out.npy", copy);
+    perturb_npy(path, 100, 1e-3f);
+    run_program(&o, NULL, 0, 0, (const char *[]){"compare", copy, ref, NULL});
+    cr_assert_eq(o.status, 1, "%s%s", o.out, o.err);
+    cr_assert_not_null(strstr(o.out, "first mismatch: expert_out.npy"), "%s", o.out);
+    cr_assert_not_null(strstr(o.out, "topk_weights.npy: match"), "%s", o.out);
+
+    /* Within a loose tolerance the same copy matches. */
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"compare", copy, ref, "--atol", "1e-2", NULL});
+    cr_assert_eq(o.status, 0, "%s%s", o.out, o.err);
+
+    /* An earlier perturbation is named first even though later stages
+     * also differ. */
+    snprintf(path, sizeof path, "%s/router_scores.npy", copy);
+    perturb_npy(path, 3, 1e-3f);
+    run_program(&o, NULL, 0, 0, (const char *[]){"compare", copy, ref, NULL});
+    cr_assert_eq(o.status, 1);
+    cr_assert_not_null(strstr(o.out, "first mismatch: router_scores.npy"), "%s", o.out);
+    remove_tree(dir);
+}
