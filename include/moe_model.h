@@ -2,7 +2,7 @@
  * moe_model.h - one MoE layer of a Hugging Face checkpoint: the model
  * families, their config.json fields and tensor names, and the loader.
  *
- * A checkpoint directory holds config.json and the weights as safetensors
+ * A checkpoint directory contains config.json and the weights as safetensors
  * (model.safetensors, or shards listed in model.safetensors.index.json).
  * The family is chosen by config.json's "model_type". Every weight is
  * converted exactly to float32 (F8_E4M3 weights are dequantised with their
@@ -33,7 +33,7 @@ enum moe_shared_kind {
     MOE_SHARED_PLAIN, /* DeepSeek-V3: n_shared_experts fused into one, no gate */
 };
 
-/* What differs between families in config.json and in tensor names. */
+/* The config.json fields and tensor names of one family. */
 struct moe_family {
     enum moe_family_id id;
     const char *model_type;    /* config.json "model_type" */
@@ -79,7 +79,7 @@ struct moe_model_config {
     int64_t layers;           /* num_hidden_layers */
     int64_t hidden, ffn, experts, top_k, shared_ffn;
     struct moe_router router;
-    /* Which layers are MoE layers: */
+    /* The rules that mark a layer dense or MoE: */
     int64_t first_k_dense_replace; /* deepseek_v3, else 0 */
     int64_t moe_layer_freq;        /* always 1: the only value accepted */
     int64_t decoder_sparse_step;   /* qwen2_moe and qwen3_moe, else 1 */

@@ -87,7 +87,7 @@ int moe_tensor_name(const struct moe_family *f, int64_t layer,
 
 /* ---- config.json ------------------------------------------------------ */
 
-/* Largest integer a JSON number (a double) holds exactly. */
+/* Largest integer that a JSON number, a double in cJSON, represents exactly. */
 #define JSON_INT_MAX 9007199254740992.0
 
 static int read_text_file(const char *path, char **text)

@@ -747,7 +747,7 @@ Test(model, compare_names_perturbed_stage, .timeout = 60)
     run_model(&o, dir, (const char *[]){"--ranks", "3", "--dump", ref, NULL});
     cr_assert_eq(o.status, 0, "%s", o.err);
 
-    /* Every file the dump writes is a stage that compare knows, so none is
+    /* Every file the dump writes is a stage in compare's table, so none is
      * sorted to the end as unknown: the last line before the verdict is
      * output.npy. */
     run_program(&o, NULL, 0, 0, (const char *[]){"compare", ref, ref, NULL});
