@@ -54,7 +54,7 @@ deps:
 # some machines cannot import, hence /usr/bin/python3. The minimum gap of
 # 1e-5 between the K-th and (K+1)-th selection score is 100 times the
 # float32 rounding of the scores, so moe-ep must select the same experts.
-GOLDEN_LAYERS := $(wildcard data/layers/*)
+GOLDEN_LAYERS := $(patsubst %/config.json,%,$(wildcard data/layers/*/config.json))
 golden:
 	tools/install-deps.sh python3-torch python3-numpy
 	/usr/bin/python3 tools/torch_reference.py --min-gap 1e-5 $(GOLDEN_LAYERS)

@@ -736,6 +736,11 @@ def save_npy_files_atomic(files):
         for path, array in files:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=os.path.dirname(path) or ".")
             written.append(tmp)
+            # mkstemp creates the file 0600; give it the mode a plain
+            # open() would, 0666 less the umask.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
             with os.fdopen(fd, "wb") as f:
                 np.save(f, array, allow_pickle=False)
                 f.flush()
