@@ -152,9 +152,10 @@ static void print_steps(FILE *out, const struct moe_run_result *r)
         }
         fprintf(out, "\n");
     }
-    fprintf(out, "  forward on %d ranks, launch to last exit: %.3f ms; golden "
+    fprintf(out, "  forward on %d rank%s, launch to last exit: %.3f ms; golden "
             "path in one process: %.3f ms\n", r->options.ranks,
-            ms((uint64_t)r->forward_ns), ms((uint64_t)r->golden_ns));
+            r->options.ranks == 1 ? "" : "s", ms((uint64_t)r->forward_ns),
+            ms((uint64_t)r->golden_ns));
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     if (cores > 0 && r->options.ranks > cores)
         fprintf(out, "  note: %d ranks share %ld cores, so a step's time also "
@@ -167,13 +168,17 @@ void moe_run_print_report(FILE *out, const struct moe_run_result *r)
     const struct moe_run_options *o = &r->options;
     const struct moe_shape *s = &o->shape;
 
-    fprintf(out, "moe-ep run: %d ranks, tokens %" PRId64 ", hidden %" PRId64
+    fprintf(out, "moe-ep run: %d rank%s, tokens %" PRId64 ", hidden %" PRId64
             ", ffn %" PRId64 ", experts %" PRId64 ", top-k %" PRId64 "\n",
-            o->ranks, s->tokens, s->hidden, s->ffn, s->experts, s->top_k);
-    fprintf(out, "  tokens: %s; seed %" PRIu64 "; ring %" PRIu64 " bytes x %d; "
-            "timeout %g s; %ld cores online\n",
-            o->input_path ? o->input_path : "random", o->seed, o->ring_bytes,
-            o->ranks * o->ranks, o->timeout_seconds, sysconf(_SC_NPROCESSORS_ONLN));
+            o->ranks, o->ranks == 1 ? "" : "s", s->tokens, s->hidden, s->ffn,
+            s->experts, s->top_k);
+    if (o->input_path)
+        fprintf(out, "  tokens: %s", o->input_path);
+    else
+        fprintf(out, "  tokens: random, seed %" PRIu64, o->seed);
+    fprintf(out, "; ring %" PRIu64 " bytes x %d; timeout %g s; %ld cores online\n",
+            o->ring_bytes, o->ranks * o->ranks, o->timeout_seconds,
+            sysconf(_SC_NPROCESSORS_ONLN));
 
     print_layer(out, r);
     print_routing(out, r);
