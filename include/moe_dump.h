@@ -22,9 +22,16 @@ const char *moe_stage_name(enum moe_stage stage);
 void moe_dump_check(struct moe_run_result *result, const struct moe_golden_info *golden,
                     const float *tokens);
 
+/* Checks before a run that `dir` can become the dump directory: each part
+ * of the path that exists is a directory, the deepest existing one is
+ * writable, and `output_path` (the --output file, or NULL) is not the same
+ * path. Returns 0, or -EINVAL with a message naming --dump. */
+int moe_dump_check_dir(const char *dir, const char *output_path);
+
 /* Writes the dump files of `result` into `dir`, creating it and its
- * parents if missing. Returns 0, or -EINVAL or -errno with a message naming
- * the file. */
+ * parents if missing, and removes the stage files that an earlier dump with
+ * more ranks or a shared expert left there. Returns 0, or -EINVAL or -errno
+ * with a message naming the file. */
 int moe_dump_write(const char *dir, const struct moe_run_result *result,
                    const float *tokens);
 

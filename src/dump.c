@@ -18,7 +18,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 static const char *const stage_names[MOE_STAGE_COUNT] = {
     [MOE_STAGE_LOGITS] = "router_logits",   [MOE_STAGE_SCORES] = "router_scores",
@@ -122,6 +124,113 @@ void moe_dump_check(struct moe_run_result *r, const struct moe_golden_info *g,
     free(expected);
     free(src_idx);
     free(expert);
+}
+
+/* Copies `path` into buf without its trailing slashes, keeping "/". */
+static int strip_trailing_slashes(const char *path, char *buf, size_t size)
+{
+    if (snprintf(buf, size, "%s", path) >= (int)size)
+        return -1;
+    size_t length = strlen(buf);
+    while (length > 1 && buf[length - 1] == '/')
+        buf[--length] = '\0';
+    return 0;
+}
+
+int moe_dump_check_dir(const char *dir, const char *output_path)
+{
+    char path[4096];
+    if (strip_trailing_slashes(dir, path, sizeof path) != 0)
+        return moe_fail(-EINVAL, "invalid --dump directory: name too long");
+
+    if (output_path) {
+        char output[4096];
+        struct stat dir_st, output_st;
+        int same = strip_trailing_slashes(output_path, output, sizeof output) == 0 &&
+                   !strcmp(output, path);
+        if (stat(path, &dir_st) == 0 && stat(output_path, &output_st) == 0 &&
+            dir_st.st_dev == output_st.st_dev && dir_st.st_ino == output_st.st_ino)
+            same = 1;
+        if (same)
+            return moe_fail(-EINVAL, "invalid --dump directory '%s': it is the "
+                            "--output file '%s'", dir, output_path);
+    }
+
+    /* Walk the path from the root. The deepest part that exists must be a
+     * writable directory, because the run creates the rest in it. */
+    char deepest[4096] = ".";
+    for (char *p = path[0] == '/' ? path + 1 : path;; p++) {
+        if (*p != '/' && *p != '\0')
+            continue;
+        char saved = *p;
+        *p = '\0';
+        struct stat st;
+        if (path[0] != '\0' && stat(path, &st) != 0) {
+            if (errno != ENOENT)
+                return moe_fail(-EINVAL, "invalid --dump directory '%s': '%s': %s",
+                                dir, path, strerror(errno));
+            *p = saved;
+            break;
+        }
+        if (path[0] != '\0') {
+            if (!S_ISDIR(st.st_mode))
+                return moe_fail(-EINVAL, "invalid --dump directory '%s': '%s' is not "
+                                "a directory", dir, path);
+            snprintf(deepest, sizeof deepest, "%s", path);
+        }
+        *p = saved;
+        if (saved == '\0')
+            break;
+    }
+    if (access(deepest, W_OK) != 0)
+        return moe_fail(-EINVAL, "invalid --dump directory '%s': directory '%s' is "
+                        "not writable: %s", dir, deepest, strerror(errno));
+    return 0;
+}
+
+/* Returns true when `name` is a per-rank receive file that a dump with
+ * `ranks` ranks does not write: "rank{r}_recv_*.npy" with r >= ranks. */
+static int is_stale_rank_file(const char *name, int ranks)
+{
+    static const char *const suffixes[] = {"_recv_src_idx.npy", "_recv_expert.npy",
+                                           "_recv_x.npy"};
+    if (strncmp(name, "rank", 4) != 0)
+        return 0;
+    const char *digits = name + 4;
+    size_t length = strspn(digits, "0123456789");
+    if (length == 0 || length > 9 || (digits[0] == '0' && length > 1))
+        return 0;
+    int is_recv_file = 0;
+    for (size_t i = 0; i < sizeof suffixes / sizeof suffixes[0]; i++)
+        is_recv_file |= !strcmp(digits + length, suffixes[i]);
+    return is_recv_file && atol(digits) >= ranks;
+}
+
+/* Removes the stage files of an earlier dump that this one does not
+ * replace, so that `compare` never reads a stage of another run: rank
+ * files beyond this run's ranks, and shared_out.npy when this layer has
+ * no shared expert. */
+static int remove_stale_files(const char *dir, int ranks, int has_shared)
+{
+    DIR *stream = opendir(dir);
+    if (!stream)
+        return moe_fail(-EINVAL, "invalid --dump directory '%s': cannot list it: %s",
+                        dir, strerror(errno));
+    int rc = 0;
+    struct dirent *entry;
+    while (rc == 0 && (entry = readdir(stream)) != NULL) {
+        const char *name = entry->d_name;
+        if (!is_stale_rank_file(name, ranks) &&
+            (has_shared || strcmp(name, "shared_out.npy") != 0))
+            continue;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        if (unlink(path) != 0 && errno != ENOENT)
+            rc = moe_fail(-EINVAL, "invalid --dump directory '%s': cannot remove "
+                          "'%s' of an earlier dump: %s", dir, path, strerror(errno));
+    }
+    closedir(stream);
+    return rc;
 }
 
 /* Creates `dir` and any missing parents. */
@@ -239,6 +348,8 @@ int moe_dump_write(const char *dir, const struct moe_run_result *r, const float 
     int64_t th[2] = {T, H}, te[2] = {T, E}, tk[2] = {T, K}, tkh[3] = {T, K, H};
     int rc;
     if ((rc = make_directories(dir)) ||
+        (rc = remove_stale_files(dir, r->options.ranks,
+                                 r->stage[MOE_STAGE_SHARED_OUT] != NULL)) ||
         (rc = write_array(dir, "tokens", MOE_NPY_F32, 2, th, tokens)) ||
         (rc = write_array(dir, "router_logits", MOE_NPY_F32, 2, te,
                           r->stage[MOE_STAGE_LOGITS])) ||

@@ -20,6 +20,7 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -546,8 +547,25 @@ static int collect_tensors(const struct moe_make_layer_options *o,
     return 0;
 }
 
+/* The stop signal that arrived while make-layer was writing, or 0. */
+static volatile sig_atomic_t stop_signal;
+
+static void record_stop_signal(int sig)
+{
+    stop_signal = sig;
+}
+
+/* Returns -ECANCELED with a message when a stop signal arrived, else 0. */
+static int check_stop_signal(void)
+{
+    if (stop_signal)
+        return moe_fail(-ECANCELED, "stopped by signal %d", (int)stop_signal);
+    return 0;
+}
+
 /* Writes the tensors as one file, or as `shards` files of about equal size
- * plus the index that maps each tensor to its file. */
+ * plus the index that maps each tensor to its file. Checks
+ * for a stop signal before each shard. */
 static int write_weights(const struct moe_make_layer_options *o, struct tensor_list *l)
 {
     char path[4096];
@@ -585,7 +603,8 @@ static int write_weights(const struct moe_make_layer_options *o, struct tensor_l
             files[i] = file_names[s];
         }
         snprintf(path, sizeof path, "%s/%s", o->out_dir, file_names[s]);
-        if ((rc = moe_st_write(path, l->items + first, end - first, "pt")))
+        if ((rc = check_stop_signal()) ||
+            (rc = moe_st_write(path, l->items + first, end - first, "pt")))
             goto out;
         first = end;
     }
@@ -609,8 +628,35 @@ static int check_memory(const struct moe_make_layer_options *o)
         return moe_fail(-EINVAL, "the layer needs about %.1f GiB to write but this "
                         "machine has %.1f GiB; use a larger --scale or smaller sizes",
                         need / 1073741824.0, have / 1073741824.0);
+    /* The tokens are drawn after the weights are freed, so they count alone. */
+    double tokens_need = (double)o->tokens * (double)o->hidden * sizeof(float);
+    if (have > 0 && tokens_need > 0.8 * have)
+        return moe_fail(-EINVAL, "invalid --tokens value %" PRId64 ": %" PRId64
+                        " tokens of hidden size %" PRId64 " need about %.1f GiB but "
+                        "this machine has %.1f GiB", o->tokens, o->tokens, o->hidden,
+                        tokens_need / 1073741824.0, have / 1073741824.0);
     return 0;
 }
+
+/* Rejects an --out directory whose model.safetensors would shadow the new
+ * shards: readers load model.safetensors when it exists and never look at
+ * the index, so they would read the old weights with the new config. */
+static int check_no_shadowing_file(const struct moe_make_layer_options *o)
+{
+    if (o->shards == 1)
+        return 0;
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/model.safetensors", o->out_dir) >= (int)sizeof path)
+        return moe_fail(-EINVAL, "invalid --out directory: name too long");
+    struct stat st;
+    if (lstat(path, &st) == 0)
+        return moe_fail(-EINVAL, "invalid --out directory '%s': it contains "
+                        "model.safetensors, which readers would load instead of "
+                        "the %d new shards; remove it or use --shards 1",
+                        o->out_dir, o->shards);
+    return 0;
+}
+
 
 /* Creates `dir` and any missing parents, as mkdir -p does. */
 static int make_directories(const char *dir)
@@ -636,10 +682,44 @@ static int make_directories(const char *dir)
     }
 }
 
+static int make_layer_files(const struct moe_make_layer_options *o);
+
 int moe_make_layer(const struct moe_make_layer_options *o)
 {
+    /* SIGINT, SIGTERM and SIGHUP only set a flag while files are written,
+     * and the flag is checked between files, so that a stop never leaves a
+     * temporary file behind. Handlers, unlike a blocked mask, also cover
+     * the threads that OpenBLAS starts when the program loads. SIGXFSZ is
+     * ignored, so that a file size limit fails the write with EFBIG, which
+     * removes the temporary file. */
+    static const int stop_signals[] = {SIGINT, SIGTERM, SIGHUP};
+    struct sigaction record = {.sa_handler = record_stop_signal, .sa_flags = SA_RESTART};
+    struct sigaction ignore = {.sa_handler = SIG_IGN};
+    struct sigaction saved[3], saved_size_limit;
+    sigemptyset(&record.sa_mask);
+    sigemptyset(&ignore.sa_mask);
+    stop_signal = 0;
+    for (int i = 0; i < 3; i++)
+        sigaction(stop_signals[i], &record, &saved[i]);
+    sigaction(SIGXFSZ, &ignore, &saved_size_limit);
+
+    int rc = make_layer_files(o);
+    if (rc == 0)
+        rc = check_stop_signal();
+
+    sigaction(SIGXFSZ, &saved_size_limit, NULL);
+    for (int i = 0; i < 3; i++)
+        sigaction(stop_signals[i], &saved[i], NULL);
+    /* End the process by the signal that stopped it, as if never caught. */
+    if (stop_signal)
+        raise(stop_signal);
+    return rc;
+}
+
+static int make_layer_files(const struct moe_make_layer_options *o)
+{
     int rc = check_memory(o);
-    if (rc || (rc = make_directories(o->out_dir)))
+    if (rc || (rc = check_no_shadowing_file(o)) || (rc = make_directories(o->out_dir)))
         return rc;
     struct stat st;
     if (stat(o->out_dir, &st) != 0 || !S_ISDIR(st.st_mode))
@@ -658,14 +738,14 @@ int moe_make_layer(const struct moe_make_layer_options *o)
     char path[4096];
     rc = collect_tensors(o, &w, &list);
     moe_weights_free(&w);
-    if (rc == 0)
+    if (rc == 0 && (rc = check_stop_signal()) == 0)
         rc = write_weights(o, &list);
     tensor_list_free(&list);
-    if (rc == 0) {
+    if (rc == 0 && (rc = check_stop_signal()) == 0) {
         snprintf(path, sizeof path, "%s/config.json", o->out_dir);
         rc = write_config(o, path);
     }
-    if (rc == 0 && o->tokens > 0) {
+    if (rc == 0 && o->tokens > 0 && (rc = check_stop_signal()) == 0) {
         float *x = moe_alloc_large((size_t)(o->tokens * o->hidden) * sizeof(float));
         if (!x)
             return moe_fail(-ENOMEM, "out of memory for %" PRId64 " tokens", o->tokens);

@@ -8,6 +8,7 @@
 #include "moe_model.h"
 #include "moe_error.h"
 #include "moe_safetensors.h"
+#include "moe_safetensors_internal.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -90,13 +91,25 @@ int moe_tensor_name(const struct moe_family *f, int64_t layer,
 /* Largest integer that a JSON number, a double in cJSON, represents exactly. */
 #define JSON_INT_MAX 9007199254740992.0
 
-static int read_text_file(const char *path, char **text)
+/* Returns true for an open() or stat() error that a wrong path causes,
+ * which is bad input rather than a runtime failure. */
+static int is_path_error(int err)
+{
+    return err == ENOENT || err == ENOTDIR || err == ELOOP || err == EACCES ||
+           err == EPERM || err == ENAMETOOLONG || err == EISDIR || err == ENXIO;
+}
+
+static int read_text_file(const char *path, char **text, size_t *length)
 {
     *text = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return moe_fail(errno == ENOENT ? -EINVAL : -errno, "cannot open '%s': %s",
-                        path, strerror(errno));
+    /* O_NONBLOCK keeps open() from waiting for a writer when the path is a
+     * FIFO, which the regular-file check below then rejects. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        int err = errno;
+        return moe_fail(is_path_error(err) ? -EINVAL : -err, "cannot open '%s': %s",
+                        path, strerror(err));
+    }
     struct stat st;
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
         close(fd);
@@ -129,6 +142,69 @@ static int read_text_file(const char *path, char **text)
     close(fd);
     buf[have] = '\0';
     *text = buf;
+    *length = have;
+    return 0;
+}
+
+static int compare_key_names(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Rejects a key that appears twice in `object`. cJSON returns the first of
+ * two equal keys and Python's json module the last, so moe-ep and
+ * transformers would read different values. */
+static int reject_duplicate_keys(const char *path, const cJSON *object,
+                                 const char *object_name)
+{
+    int count = cJSON_GetArraySize(object);
+    if (count < 2)
+        return 0;
+    const char **keys = malloc((size_t)count * sizeof *keys);
+    if (!keys)
+        return moe_fail(-ENOMEM, "out of memory reading %s", path);
+    int n = 0;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, object)
+        keys[n++] = item->string;
+    qsort(keys, (size_t)n, sizeof *keys, compare_key_names);
+    int rc = 0;
+    for (int i = 1; i < n && rc == 0; i++)
+        if (!strcmp(keys[i - 1], keys[i]))
+            rc = moe_fail(-EINVAL, "%s: field '%s%s' appears twice; JSON readers "
+                          "disagree on which value counts", path, object_name,
+                          keys[i]);
+    free(keys);
+    return rc;
+}
+
+/* Parses config.json text[0..length) strictly: UTF-8 without NUL bytes,
+ * one JSON object and nothing but whitespace after it, as Python's json
+ * module requires. */
+static int parse_config_text(const char *path, const char *text, size_t length,
+                             cJSON **root)
+{
+    *root = NULL;
+    const char *nul = memchr(text, '\0', length);
+    if (nul)
+        return moe_fail(-EINVAL, "%s: malformed JSON: NUL byte at offset %zu", path,
+                        (size_t)(nul - text));
+    if (!st_is_utf8(text))
+        return moe_fail(-EINVAL, "%s: malformed JSON: the text is not valid UTF-8 "
+                        "or contains a control character", path);
+    const char *end = NULL;
+    cJSON *parsed = cJSON_ParseWithLengthOpts(text, length, &end, 0);
+    if (!parsed) {
+        size_t at = end && end >= text ? (size_t)(end - text) : 0;
+        return moe_fail(-EINVAL, "%s: malformed JSON near offset %zu", path, at);
+    }
+    for (size_t i = (size_t)(end - text); i < length; i++)
+        if (!strchr(" \t\r\n", text[i])) {
+            cJSON_Delete(parsed);
+            return moe_fail(-EINVAL, "%s: malformed JSON: unexpected text at offset "
+                            "%zu after the top-level value", path, i);
+        }
+    *root = parsed;
     return 0;
 }
 
@@ -305,6 +381,9 @@ static int read_fp8_block(struct moe_model_config *c, const cJSON *root)
     const cJSON *q = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
     if (!q || cJSON_IsNull(q))
         return 0;
+    if (!cJSON_IsObject(q))
+        return moe_fail(-EINVAL, "%s: field 'quantization_config' is not a JSON object",
+                        c->path);
     const cJSON *block = cJSON_GetObjectItemCaseSensitive(q, "weight_block_size");
     if (!block || cJSON_IsNull(block))
         return 0;
@@ -330,17 +409,24 @@ int moe_model_read_config(const char *dir, struct moe_model_config *c)
         return moe_fail(-EINVAL, "model directory name too long: '%s'", dir);
 
     char *text;
-    int rc = read_text_file(c->path, &text);
+    size_t length = 0;
+    int rc = read_text_file(c->path, &text, &length);
     if (rc)
         return rc;
-    cJSON *root = cJSON_Parse(text);
+    cJSON *root;
+    rc = parse_config_text(c->path, text, length, &root);
     free(text);
-    if (!root)
-        return moe_fail(-EINVAL, "%s: malformed JSON", c->path);
+    if (rc)
+        return rc;
     if (!cJSON_IsObject(root)) {
         rc = moe_fail(-EINVAL, "%s: the top level is not a JSON object", c->path);
         goto out;
     }
+    const cJSON *quantization = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
+    if ((rc = reject_duplicate_keys(c->path, root, "")) ||
+        (cJSON_IsObject(quantization) &&
+         (rc = reject_duplicate_keys(c->path, quantization, "quantization_config."))))
+        goto out;
 
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(root, "model_type");
     if (!cJSON_IsString(type)) {

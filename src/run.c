@@ -146,6 +146,9 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
             if ((rc = moe_parse_double(flag, text, 0.001, 86400.0, &o->timeout_seconds)))
                 return rc;
         } else if (!strcmp(flag, "--model")) {
+            if (!text[0])
+                return moe_fail(-EINVAL, "invalid --model value '': expected a "
+                                "checkpoint directory");
             o->model_dir = text;
         } else if (!strcmp(flag, "--layer")) {
             if ((rc = moe_parse_int64(flag, text, 0, INT64_C(1) << 24, &o->layer)))
@@ -490,6 +493,8 @@ static int run_blocked(struct moe_run_result *result)
     result->layer = -1;
     result->stage_mismatch = -1;
     if (o->output_path && (rc = moe_check_output_path("--output", o->output_path)))
+        return rc;
+    if (o->dump_dir && (rc = moe_dump_check_dir(o->dump_dir, o->output_path)))
         return rc;
     const struct moe_shape *s = &o->shape;
     if (o->model_dir)

@@ -77,6 +77,17 @@ struct moe_st_model {
 
 /* ---- small helpers ---------------------------------------------------- */
 
+/* Maps an open() or stat() error to the return code: -EINVAL when a wrong
+ * path causes it, because that is bad input, else -err. */
+static int path_error_code(int err)
+{
+    return err == ENOENT || err == ENOTDIR || err == ELOOP || err == EACCES ||
+                   err == EPERM || err == ENAMETOOLONG || err == EISDIR ||
+                   err == ENXIO
+               ? -EINVAL
+               : -err;
+}
+
 static char *join_path(const char *dir, const char *name)
 {
     size_t dir_len = strlen(dir), name_len = strlen(name);
@@ -600,10 +611,12 @@ static int load_file(struct st_file *file)
 
     /* A file that vanished since the model was opened is -EINVAL, because
      * callers take -ENOENT to mean a missing tensor. */
-    int fd = open(file->path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK keeps open() from waiting for a writer when the path is a
+     * FIFO, which the regular-file check below then rejects. */
+    int fd = open(file->path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
         int err = errno;
-        return moe_fail(err == ENOENT ? -EINVAL : -err, "%s: open failed: %s",
+        return moe_fail(path_error_code(err), "%s: open failed: %s",
                         file->path, strerror(err));
     }
     struct stat st;
@@ -685,10 +698,11 @@ static int open_single(struct moe_st_model *model, char *path)
 static int read_small_file(const char *path, size_t limit, char **out,
                            size_t *out_len)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC); /* see load_file() */
     if (fd < 0) {
         int err = errno;
-        return moe_fail(-err, "%s: open failed: %s", path, strerror(err));
+        return moe_fail(path_error_code(err), "%s: open failed: %s", path,
+                        strerror(err));
     }
     struct stat st;
     if (fstat(fd, &st) < 0) {
@@ -772,7 +786,7 @@ static int add_shard(struct moe_st_model *model, const char *dir,
     struct stat st;
     if (stat(path, &st) < 0) {
         int err = errno;
-        int rc = moe_fail(err == ENOENT ? -EINVAL : -err,
+        int rc = moe_fail(path_error_code(err),
                           "%s: shard '%s' listed in weight_map: %s: %s", index,
                           name, path, strerror(err));
         free(path);
@@ -905,7 +919,7 @@ int moe_st_open_model(const char *dir, struct moe_st_model **out)
     struct stat st;
     if (stat(dir, &st) < 0) {
         int err = errno;
-        return moe_fail(err == ENOENT || err == ENOTDIR ? -EINVAL : -err,
+        return moe_fail(path_error_code(err),
                         "%s: cannot open the model directory: %s", dir,
                         strerror(err));
     }
@@ -930,7 +944,8 @@ int moe_st_open_model(const char *dir, struct moe_st_model **out)
         rc = open_single(model, single);
     } else if (errno != ENOENT) {
         int err = errno;
-        rc = moe_fail(-err, "%s: stat failed: %s", single, strerror(err));
+        rc = moe_fail(path_error_code(err), "%s: stat failed: %s", single,
+                      strerror(err));
         free(single);
         free(index);
     } else if (stat(index, &st) == 0) {
@@ -938,7 +953,7 @@ int moe_st_open_model(const char *dir, struct moe_st_model **out)
         rc = open_index(model, dir, index);
     } else {
         int err = errno;
-        rc = moe_fail(err == ENOENT ? -EINVAL : -err,
+        rc = moe_fail(path_error_code(err),
                       "%s: neither %s nor %s found in the model directory",
                       dir, single_file_name, index_file_name);
         free(single);

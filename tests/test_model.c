@@ -10,6 +10,7 @@
 #include "test_program.h"
 
 #include <ftw.h>
+#include <sys/resource.h>
 
 static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
@@ -782,4 +783,233 @@ Test(model, compare_names_perturbed_stage, .timeout = 60)
     cr_assert_eq(o.status, 1);
     cr_assert_not_null(strstr(o.out, "first mismatch: router_scores.npy"), "%s", o.out);
     remove_tree(dir);
+}
+
+/* ---- inputs found by the attack round ---------------------------------- */
+
+/* Appends `text` inside the closing brace of the JSON object in `path`. */
+static void append_to_config(const char *path, const char *text)
+{
+    static char config[1 << 16], edited[1 << 16];
+    size_t n = read_all(path, config, sizeof config - 1);
+    config[n] = '\0';
+    char *brace = strrchr(config, '}');
+    cr_assert_not_null(brace);
+    *brace = '\0';
+    int length = snprintf(edited, sizeof edited, "%s%s}\n", config, text);
+    cr_assert(length > 0 && (size_t)length < sizeof edited);
+    write_all(path, edited, (size_t)length);
+}
+
+Test(model, duplicate_config_key_exits_2, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "mixtral");
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    /* Python's json module keeps the last value (128), cJSON the first. */
+    append_to_config(path, ", \"hidden_size\": 128");
+    struct outcome o;
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "config.json", "'hidden_size'", "appears twice");
+    remove_tree(dir);
+}
+
+Test(model, text_after_config_object_exits_2, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "olmoe");
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    static char config[1 << 16];
+    size_t n = read_all(path, config, sizeof config - 1);
+    memcpy(config + n, "{}", 2);
+    write_all(path, config, n + 2);
+    struct outcome o;
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "config.json", "malformed JSON", "after the top-level value");
+
+    /* A NUL byte would end cJSON's text early. */
+    config[n] = '\0';
+    write_all(path, config, n + 1);
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "config.json", "NUL byte");
+    remove_tree(dir);
+}
+
+Test(model, quantization_config_not_object_exits_2, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "deepseek_v3");
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    append_to_config(path, ", \"quantization_config\": \"fp8\"");
+    struct outcome o;
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "config.json", "'quantization_config'", "not a JSON object");
+    remove_tree(dir);
+}
+
+/* A FIFO in place of a checkpoint file must be rejected, not waited on
+ * for a writer that never comes (run_program fails the test after 60 s). */
+Test(model, fifo_checkpoint_files_exit_2, .timeout = 90)
+{
+    static const char *const names[] = {"config.json", "model.safetensors",
+                                        "model.safetensors.index.json"};
+    for (int i = 0; i < 3; i++) {
+        char dir[64], path[128];
+        make_temp_dir(dir, sizeof dir);
+        if (i == 2)
+            MAKE_LAYER(dir, "--family", "mixtral", "--shards", "2");
+        else
+            MAKE_LAYER(dir, "--family", "mixtral");
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        cr_assert_eq(unlink(path), 0);
+        cr_assert_eq(mkfifo(path, 0600), 0);
+        struct outcome o;
+        run_model(&o, dir, NULL);
+        EXPECT_BAD_INPUT(o, names[i], "not a regular file");
+        cr_assert_lt(o.seconds, 10.0, "%s took %.1f s", names[i], o.seconds);
+        remove_tree(dir);
+    }
+}
+
+Test(model, bad_model_paths_exit_2, .timeout = 30)
+{
+    char dir[64], path[128];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "mixtral");
+    struct outcome o;
+
+    /* A symbolic link loop, and a file in place of the directory. */
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    cr_assert_eq(unlink(path), 0);
+    cr_assert_eq(symlink("config.json", path), 0);
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "config.json", "symbolic links");
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    run_model(&o, path, NULL);
+    EXPECT_BAD_INPUT(o, "model.safetensors", "Not a directory");
+    run_model(&o, "", NULL);
+    EXPECT_BAD_INPUT(o, "--model", "''");
+    remove_tree(dir);
+}
+
+Test(model, make_layer_rejects_shadowed_shards, .timeout = 30)
+{
+    char dir[64];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "mixtral", "--seed", "1");
+    /* The new shards would sit beside the old model.safetensors, which
+     * readers load first, so the run would use the seed-1 weights. */
+    struct outcome o;
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"make-layer", "--out", dir, "--family", "mixtral",
+                                 "--seed", "2", "--shards", "2", NULL});
+    EXPECT_BAD_INPUT(o, "--out", "model.safetensors", "--shards 1");
+    char path[128];
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    cr_assert_neq(access(path, F_OK), 0, "make-layer wrote the index anyway");
+    remove_tree(dir);
+}
+
+Test(model, make_layer_rejects_huge_tokens_first, .timeout = 30)
+{
+    char dir[64], out[96];
+    make_temp_dir(dir, sizeof dir);
+    snprintf(out, sizeof out, "%s/layer", dir);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"make-layer", "--out", out, "--family", "mixtral",
+                                 "--hidden", "1048576", "--ffn", "1", "--experts", "1",
+                                 "--top-k", "1", "--tokens", "1048576", NULL});
+    EXPECT_BAD_INPUT(o, "--tokens", "1048576", "GiB");
+    cr_assert_neq(access(out, F_OK), 0, "make-layer created %s before rejecting", out);
+    remove_tree(dir);
+}
+
+/* Returns the number of entries of `dir` whose name contains `part`. */
+static int count_entries(const char *dir, const char *part)
+{
+    DIR *stream = opendir(dir);
+    cr_assert_not_null(stream, "open %s", dir);
+    int count = 0;
+    struct dirent *entry;
+    while ((entry = readdir(stream)) != NULL)
+        count += strstr(entry->d_name, part) != NULL;
+    closedir(stream);
+    return count;
+}
+
+Test(model, make_layer_file_size_limit_leaves_nothing, .timeout = 30)
+{
+    char dir[64];
+    make_temp_dir(dir, sizeof dir);
+    /* make-layer inherits the limit, which its 25 MB of weights exceed.
+     * Killed by SIGXFSZ, it would leave a partial temporary file. SIGXFSZ
+     * keeps its default action here, because make-layer would inherit
+     * SIG_IGN across exec and the test would prove nothing. */
+    struct rlimit limit = {64 << 10, 64 << 10};
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &limit), 0);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"make-layer", "--out", dir, "--family", "mixtral",
+                                 "--hidden", "512", "--ffn", "512", NULL});
+    cr_assert_eq(o.status, 3, "status %d: %s", o.status, o.err);
+    cr_assert_not_null(strstr(o.err, "model.safetensors"), "%s", o.err);
+    cr_assert_not_null(strstr(o.err, "File too large"), "%s", o.err);
+    cr_assert_eq(count_entries(dir, ".moe-ep-"), 0, "a temporary file is left in %s", dir);
+    remove_tree(dir);
+}
+
+Test(model, dump_path_checked_before_run, .timeout = 30)
+{
+    char dir[64], path[128];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "mixtral");
+    struct outcome o;
+
+    /* The same path for --dump and --output: no output file appears. */
+    snprintf(path, sizeof path, "%s/same", dir);
+    run_model(&o, dir, (const char *[]){"--dump", path, "--output", path, NULL});
+    EXPECT_BAD_INPUT(o, "--dump", "--output");
+    cr_assert_neq(access(path, F_OK), 0, "the run wrote %s", path);
+
+    /* A file in the middle of the dump path is found before the run. */
+    snprintf(path, sizeof path, "%s/config.json/dump", dir);
+    run_model(&o, dir, (const char *[]){"--dump", path, NULL});
+    EXPECT_BAD_INPUT(o, "--dump", "config.json", "not a directory");
+    cr_assert_null(strstr(o.out, "golden check"), "the run went ahead: %s", o.out);
+    remove_tree(dir);
+}
+
+Test(model, dump_removes_stale_stage_files, .timeout = 60)
+{
+    char qwen[64], mixtral[64], dump[96], fresh[96];
+    make_temp_dir(qwen, sizeof qwen);
+    make_temp_dir(mixtral, sizeof mixtral);
+    MAKE_LAYER(qwen, "--family", "qwen2_moe");
+    MAKE_LAYER(mixtral, "--family", "mixtral");
+    snprintf(dump, sizeof dump, "%s/dump", qwen);
+    snprintf(fresh, sizeof fresh, "%s/dump", mixtral);
+    struct outcome o;
+
+    /* A 4-rank dump with a shared expert, then a 2-rank one without. */
+    run_model(&o, qwen, (const char *[]){"--ranks", "4", "--dump", dump, NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    cr_assert_eq(count_entries(dump, "rank3_recv_"), 3);
+    run_model(&o, mixtral, (const char *[]){"--ranks", "2", "--dump", dump, NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    cr_assert_eq(count_entries(dump, "rank2_"), 0);
+    cr_assert_eq(count_entries(dump, "rank3_"), 0);
+    cr_assert_eq(count_entries(dump, "shared_out"), 0);
+    cr_assert_eq(count_entries(dump, "rank1_recv_"), 3);
+
+    /* The reused directory compares equal to a fresh dump of the same run. */
+    run_model(&o, mixtral, (const char *[]){"--ranks", "2", "--dump", fresh, NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    run_program(&o, NULL, 0, 0, (const char *[]){"compare", dump, fresh, NULL});
+    cr_assert_eq(o.status, 0, "%s%s", o.out, o.err);
+    remove_tree(qwen);
+    remove_tree(mixtral);
 }
