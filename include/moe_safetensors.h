@@ -128,8 +128,12 @@ int moe_st_find(struct moe_st_model *model, const char *name,
  *     f8(q[i][j]) * scale_inv[i / block_rows][j / block_cols], one float32
  *     multiply. A missing or mismatched scale tensor is -EINVAL.
  *   - any other dtype: -EINVAL "unsupported dtype".
+ * A file that another process truncates during the read gives -EINVAL,
+ * not SIGBUS: the read catches SIGBUS on this thread while it copies,
+ * and restores the previous action afterwards.
  * Returns 0, -ENOENT for a missing tensor, -EINVAL, or -errno. dst is
- * unchanged on failure. */
+ * unchanged on failure, except after such a truncation, which can leave
+ * it partly written. */
 int moe_st_read_f32(struct moe_st_model *model, const char *name, int ndim,
                     const int64_t *expect_shape, float *dst);
 

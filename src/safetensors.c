@@ -17,6 +17,8 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1184,6 +1186,50 @@ static int read_fp8(struct moe_st_model *model, const struct st_file *file,
     return 0;
 }
 
+/* The jump target of the read in progress on this thread, for SIGBUS. A
+ * mapped file that another process truncates raises SIGBUS on the first
+ * access past its new end. The reader turns that into an error instead of
+ * a crash. */
+static __thread sigjmp_buf *bus_jump;
+
+static void on_sigbus(int sig, siginfo_t *info, void *context)
+{
+    (void)info;
+    (void)context;
+    if (bus_jump)
+        siglongjmp(*bus_jump, 1);
+    /* A SIGBUS outside a read: restore the default action, which the
+     * return re-raises by repeating the faulting access. */
+    signal(sig, SIG_DFL);
+}
+
+/* Converts tensor t of `file` into dst by its dtype. */
+static int convert_tensor(struct moe_st_model *model, const struct st_file *file,
+                          const struct st_tensor *t, const char *name, float *dst)
+{
+    const uint8_t *src = file->data + t->begin;
+    uint64_t n = element_count(t);
+    switch (t->dtype) {
+    case MOE_DTYPE_F32:
+        if (n > 0)
+            memcpy(dst, src, (size_t)n * sizeof(float));
+        return 0;
+    case MOE_DTYPE_F16:
+        convert_16bit(src, n, dst, moe_f16_to_f32);
+        return 0;
+    case MOE_DTYPE_BF16:
+        convert_16bit(src, n, dst, moe_bf16_to_f32);
+        return 0;
+    case MOE_DTYPE_F8_E4M3:
+        return read_fp8(model, file, t, dst);
+    default:
+        return moe_fail(-EINVAL,
+                        "tensor '%s' in %s has unsupported dtype %s; moe-ep "
+                        "reads only F32, F16, BF16 and F8_E4M3",
+                        name, file->path, moe_dtype_name(t->dtype));
+    }
+}
+
 int moe_st_read_f32(struct moe_st_model *model, const char *name, int ndim,
                     const int64_t *expect_shape, float *dst)
 {
@@ -1212,25 +1258,23 @@ int moe_st_read_f32(struct moe_st_model *model, const char *name, int ndim,
                                      sizeof expected_text));
     }
 
-    const uint8_t *src = file->data + t->begin;
-    uint64_t n = element_count(t);
-    switch (t->dtype) {
-    case MOE_DTYPE_F32:
-        if (n > 0)
-            memcpy(dst, src, (size_t)n * sizeof(float));
-        return 0;
-    case MOE_DTYPE_F16:
-        convert_16bit(src, n, dst, moe_f16_to_f32);
-        return 0;
-    case MOE_DTYPE_BF16:
-        convert_16bit(src, n, dst, moe_bf16_to_f32);
-        return 0;
-    case MOE_DTYPE_F8_E4M3:
-        return read_fp8(model, file, t, dst);
-    default:
-        return moe_fail(-EINVAL,
-                        "tensor '%s' in %s has unsupported dtype %s; moe-ep "
-                        "reads only F32, F16, BF16 and F8_E4M3",
-                        name, file->path, moe_dtype_name(t->dtype));
+    /* Catch SIGBUS for the time of the copy, in case the file shrank
+     * after its header was checked. */
+    struct sigaction guard = {.sa_sigaction = on_sigbus, .sa_flags = SA_SIGINFO};
+    struct sigaction saved;
+    sigemptyset(&guard.sa_mask);
+    sigaction(SIGBUS, &guard, &saved);
+    sigjmp_buf jump;
+    if (sigsetjmp(jump, 1) != 0) {
+        bus_jump = NULL;
+        sigaction(SIGBUS, &saved, NULL);
+        return moe_fail(-EINVAL, "tensor '%s' in %s: the file became shorter while "
+                        "it was read; was it replaced during the run?", name,
+                        file->path);
     }
+    bus_jump = &jump;
+    rc = convert_tensor(model, file, t, name, dst);
+    bus_jump = NULL;
+    sigaction(SIGBUS, &saved, NULL);
+    return rc;
 }

@@ -23,6 +23,7 @@
 #include <ftw.h>
 #include <inttypes.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1415,4 +1416,33 @@ Test(safetensors, fuzz_index_bytes, .timeout = 300)
     }
     free(mutated);
     free(original);
+}
+
+/* A file truncated after its header was checked, as when a checkpoint is
+ * replaced during a run, gives an error on read instead of SIGBUS. */
+Test(safetensors, truncated_while_open_is_an_error)
+{
+    enum { COUNT = 1 << 18 }; /* 1 MiB of F32, many pages */
+    float *values = calloc(COUNT, sizeof(float));
+    cr_assert_not_null(values);
+    struct moe_st_tensor_out tensor = {
+        .name = "w", .dtype = MOE_DTYPE_F32, .ndim = 1, .shape = {COUNT}, .data = values};
+    char path[512];
+    path_in_test_dir(path, sizeof path, "model.safetensors");
+    cr_assert_eq(moe_st_write(path, &tensor, 1, NULL), 0, "%s", moe_error_message());
+
+    struct moe_st_model *model;
+    cr_assert_eq(moe_st_open_model(test_dir, &model), 0, "%s", moe_error_message());
+    cr_assert_eq(truncate(path, 8192), 0);
+    int64_t shape[1] = {COUNT};
+    cr_assert_eq(moe_st_read_f32(model, "w", 1, shape, values), -EINVAL);
+    cr_assert_not_null(strstr(moe_error_message(), "shorter"), "%s", moe_error_message());
+    cr_assert_not_null(strstr(moe_error_message(), "model.safetensors"));
+
+    /* The guard is gone after the read: SIGBUS has its default action. */
+    struct sigaction current;
+    cr_assert_eq(sigaction(SIGBUS, NULL, &current), 0);
+    cr_assert(current.sa_handler == SIG_DFL);
+    moe_st_close(model);
+    free(values);
 }
