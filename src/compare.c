@@ -84,6 +84,14 @@ static int list_npy_files(const char *dir, struct name_list *list)
             break;
         }
         if (has_npy_suffix(entry->d_name)) {
+            /* Reading a FIFO or a device would block or never end. */
+            struct stat st;
+            if (fstatat(dirfd(stream), entry->d_name, &st, 0) != 0 ||
+                !S_ISREG(st.st_mode)) {
+                rc = moe_fail(-EINVAL, "%s/%s: not a regular file", dir,
+                              entry->d_name);
+                break;
+            }
             rc = add_name(list, entry->d_name);
             if (rc < 0)
                 break;

@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ---- dump order ------------------------------------------------------- */
 
@@ -326,11 +327,15 @@ int moe_diff_files(const char *path_a, const char *path_b,
                    const struct moe_diff_tolerance *tolerance,
                    struct moe_diff_result *out)
 {
+    /* Both arrays are in memory at once, so each may take 40% of it. A
+     * header that declares more is bad input rather than out of memory. */
+    double memory = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    uint64_t limit = memory > 0 ? (uint64_t)(0.4 * memory) : UINT64_MAX;
     struct moe_npy_array a, b;
-    int rc = moe_npy_read(path_a, UINT64_MAX, &a);
+    int rc = moe_npy_read(path_a, limit, &a);
     if (rc < 0)
         return rc;
-    rc = moe_npy_read(path_b, UINT64_MAX, &b);
+    rc = moe_npy_read(path_b, limit, &b);
     if (rc < 0) {
         moe_npy_array_free(&a);
         return rc;

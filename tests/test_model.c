@@ -1013,3 +1013,40 @@ Test(model, dump_removes_stale_stage_files, .timeout = 60)
     remove_tree(qwen);
     remove_tree(mixtral);
 }
+
+Test(model, compare_rejects_fifo_and_huge_shape, .timeout = 30)
+{
+    char dir[64], a[96], b[96], path[160];
+    make_temp_dir(dir, sizeof dir);
+    snprintf(a, sizeof a, "%s/a", dir);
+    snprintf(b, sizeof b, "%s/b", dir);
+    cr_assert_eq(mkdir(a, 0700), 0);
+    cr_assert_eq(mkdir(b, 0700), 0);
+    float one = 1.0f;
+    int64_t shape[1] = {1};
+    snprintf(path, sizeof path, "%s/output.npy", a);
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_F32, 1, shape, &one), 0);
+    snprintf(path, sizeof path, "%s/output.npy", b);
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_F32, 1, shape, &one), 0);
+
+    /* A FIFO among the stages would block the read forever. */
+    snprintf(path, sizeof path, "%s/topk_ids.npy", b);
+    cr_assert_eq(mkfifo(path, 0600), 0);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, (const char *[]){"compare", a, b, NULL});
+    EXPECT_BAD_INPUT(o, "topk_ids.npy", "not a regular file");
+    unlink(path);
+
+    /* A header that declares far more data than memory is bad input. */
+    snprintf(path, sizeof path, "%s/output.npy", a);
+    const char header[] = "\x93NUMPY\x01\x00\x76\x00{'descr': '<f4', 'fortran_order': False, "
+                          "'shape': (1000000000000,), }";
+    char file[128];
+    memset(file, ' ', sizeof file);
+    memcpy(file, header, sizeof header - 1);
+    file[127] = '\n';
+    write_all(path, file, sizeof file);
+    run_program(&o, NULL, 0, 0, (const char *[]){"compare", a, b, NULL});
+    EXPECT_BAD_INPUT(o, "output.npy");
+    remove_tree(dir);
+}
