@@ -95,6 +95,8 @@ struct moe_diff_result {
     double max_abs_error;
     double max_rel_error; /* |a - b| / |b|, inf where b is 0 or infinite
                              and a differs */
+    int64_t max_rel_index; /* flat index of max_rel_error */
+    double max_rel_b;      /* B's value there */
     uint64_t max_ulp;     /* distance in float32 units in the last place */
 
     /* The first element that does not match, in C order, or -1. */

@@ -194,7 +194,7 @@ static void unravel_index(int64_t index, int ndim, const int64_t *shape,
 }
 
 /* Applies the isclose rule to one pair and updates the error maxima. */
-static bool compare_reals(double a, double b,
+static bool compare_reals(double a, double b, int64_t index,
                           const struct moe_diff_tolerance *tolerance,
                           struct moe_diff_result *out)
 {
@@ -218,8 +218,11 @@ static bool compare_reals(double a, double b,
 
     if (abs_error > out->max_abs_error)
         out->max_abs_error = abs_error;
-    if (rel_error > out->max_rel_error)
+    if (rel_error > out->max_rel_error) {
         out->max_rel_error = rel_error;
+        out->max_rel_index = index;
+        out->max_rel_b = b;
+    }
     if (ulp > out->max_ulp)
         out->max_ulp = ulp;
 
@@ -239,7 +242,7 @@ static void compare_float_elements(const struct moe_npy_array *a,
         uint64_t bits_a, bits_b;
         double value_a = load_real(a, i, &bits_a);
         double value_b = load_real(b, i, &bits_b);
-        if (compare_reals(value_a, value_b, tolerance, out))
+        if (compare_reals(value_a, value_b, i, tolerance, out))
             continue;
 
         if (out->mismatches++ == 0) {
@@ -420,8 +423,18 @@ static void print_values_result(FILE *out, const struct moe_diff_result *r)
                 r->mismatches, r->count);
     if (r->nan_mismatches > 0)
         fprintf(out, " (%" PRId64 " NaN against a number)", r->nan_mismatches);
-    fprintf(out, ", max abs error %.3g, max rel error %.3g, max ulp %" PRIu64,
-            r->max_abs_error, r->max_rel_error, r->max_ulp);
+    fprintf(out, ", max abs error %.3g, max rel error %.3g", r->max_abs_error,
+            r->max_rel_error);
+    /* A large relative error where B is near zero is normal for sums that
+     * cancel, so say where it is. */
+    if (r->max_rel_error > 0) {
+        char coords[256];
+        int64_t at[MOE_NPY_MAX_DIMS];
+        unravel_index(r->max_rel_index, r->ndim_b, r->shape_b, at);
+        moe_npy_format_shape(r->ndim_b, at, coords, sizeof coords);
+        fprintf(out, " at %s where B is %.3g", coords, r->max_rel_b);
+    }
+    fprintf(out, ", max ulp %" PRIu64, r->max_ulp);
     if (r->nan_matches > 0)
         fprintf(out, ", %" PRId64 " NaN in both", r->nan_matches);
     if (r->mismatches > 0)

@@ -990,7 +990,7 @@ Test(compare, directory_named_npy_is_bad_input)
     struct compare_run run;
     run_compare(&run, test_path("a"), test_path("b"));
     expect_status(&run, 2);
-    expect_contains(run.err, "odd.npy: read failed: Is a directory");
+    expect_contains(run.err, "odd.npy: not a regular file");
 }
 
 Test(compare, empty_directories_are_bad_input)
