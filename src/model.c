@@ -223,8 +223,13 @@ static int json_int(const struct moe_model_config *c, const cJSON *root,
         return 0;
     }
     double v = item->valuedouble;
-    if (!cJSON_IsNumber(item) || v != floor(v) || fabs(v) > JSON_INT_MAX)
-        return moe_fail(-EINVAL, "%s: field '%s' is not an integer", c->path, name);
+    if (!cJSON_IsNumber(item) || v != floor(v) || fabs(v) > JSON_INT_MAX) {
+        char *text = cJSON_PrintUnformatted(item);
+        int rc = moe_fail(-EINVAL, "%s: field '%s' is %.60s, expected an integer",
+                          c->path, name, text ? text : "not an integer");
+        free(text);
+        return rc;
+    }
     if (v < (double)min || v > (double)max)
         return moe_fail(-EINVAL, "%s: field '%s' is %.0f, expected %" PRId64 " to %"
                         PRId64, c->path, name, v, min, max);
@@ -314,7 +319,7 @@ static int read_family_fields(struct moe_model_config *c, const cJSON *root)
     case MOE_FAMILY_MIXTRAL:
         break;
     case MOE_FAMILY_QWEN2_MOE:
-        if ((rc = json_int(c, root, "shared_expert_intermediate_size", 1, 0, 0, big,
+        if ((rc = json_int(c, root, "shared_expert_intermediate_size", 1, 0, 1, big,
                            &c->shared_ffn)))
             return rc;
         /* The rest is shared with qwen3_moe. */
@@ -357,9 +362,10 @@ static int read_family_fields(struct moe_model_config *c, const cJSON *root)
         if (!scale)
             return moe_fail(-EINVAL, "%s: field 'routed_scaling_factor' is missing; "
                             "deepseek_v3 configs need it", c->path);
-        if (!cJSON_IsNumber(scale) || !isfinite((float)scale->valuedouble))
+        if (!cJSON_IsNumber(scale) || !isfinite((float)scale->valuedouble) ||
+            scale->valuedouble <= 0)
             return moe_fail(-EINVAL, "%s: field 'routed_scaling_factor' is not a "
-                            "finite number", c->path);
+                            "finite number above 0", c->path);
         c->router.scaling_factor = (float)scale->valuedouble;
         break;
     }

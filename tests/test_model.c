@@ -286,7 +286,7 @@ Test(model, config_field_errors_exit_2, .timeout = 60)
     EXPECT_BAD_INPUT(o, "config.json", "'num_experts_per_tok'", "9");
     edit_file(path, "\"num_experts_per_tok\":\t9", "\"num_experts_per_tok\":\t2.5");
     run_model(&o, dir, NULL);
-    EXPECT_BAD_INPUT(o, "config.json", "'num_experts_per_tok'", "not an integer");
+    EXPECT_BAD_INPUT(o, "config.json", "'num_experts_per_tok' is 2.5", "expected an integer");
     remove_tree(dir);
 }
 
@@ -1048,5 +1048,36 @@ Test(model, compare_rejects_fifo_and_huge_shape, .timeout = 30)
     write_all(path, file, sizeof file);
     run_program(&o, NULL, 0, 0, (const char *[]){"compare", a, b, NULL});
     EXPECT_BAD_INPUT(o, "output.npy");
+    remove_tree(dir);
+}
+
+Test(model, config_values_match_reference_rules, .timeout = 30)
+{
+    char dir[64], path[96];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "deepseek_v3");
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    struct outcome o;
+    edit_file(path, "\"routed_scaling_factor\":\t2.5", "\"routed_scaling_factor\":\t-1");
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "'routed_scaling_factor'", "above 0");
+    edit_file(path, "\"routed_scaling_factor\":\t-1", "\"routed_scaling_factor\":\t2.5");
+    edit_file(path, "\"first_k_dense_replace\"", "\"first_k_dense_replaced\"");
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "'first_k_dense_replace'", "missing");
+    remove_tree(dir);
+
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "qwen2_moe");
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    edit_file(path, "\"shared_expert_intermediate_size\":\t64",
+              "\"shared_expert_intermediate_size\":\t0");
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "'shared_expert_intermediate_size' is 0");
+    edit_file(path, "\"shared_expert_intermediate_size\":\t0",
+              "\"shared_expert_intermediate_size\":\t64");
+    edit_file(path, "\"norm_topk_prob\"", "\"norm_topk_probs\"");
+    run_model(&o, dir, NULL);
+    EXPECT_BAD_INPUT(o, "'norm_topk_prob'", "missing");
     remove_tree(dir);
 }
