@@ -41,9 +41,10 @@ void moe_run_options_default(struct moe_run_options *options);
 int moe_run_parse(struct moe_run_options *options, int argc, char **argv);
 
 /* Rejects, with -EINVAL, a layer whose weights, tokens and rank and golden
- * buffers would take more than 80% of this machine's memory, before
- * anything is allocated. The message names the shape and both sizes. */
-int moe_run_check_memory(const struct moe_shape *shape);
+ * buffers, and the stage copies when `dump` is set, would take more than
+ * 80% of this machine's memory, before anything is allocated. The message
+ * names the shape and both sizes. */
+int moe_run_check_memory(const struct moe_shape *shape, int dump);
 
 /* Prints the `run` help text. */
 void moe_run_usage(FILE *out);

@@ -178,7 +178,7 @@ int moe_bench_parse(struct moe_bench_options *o, int argc, char **argv)
     struct moe_shape shape = {.tokens = o->tokens, .hidden = o->hidden,
                               .ffn = o->ffn, .experts = o->experts,
                               .top_k = o->top_k};
-    return moe_run_check_memory(&shape);
+    return moe_run_check_memory(&shape, 0);
 }
 
 /* ---- report ------------------------------------------------------------ */

@@ -311,7 +311,7 @@ int moe_bench_measure_forward(const struct moe_bench_options *o,
     struct moe_shape shape = {.tokens = o->tokens, .hidden = o->hidden,
                               .ffn = o->ffn, .experts = o->experts,
                               .top_k = o->top_k};
-    int rc = moe_run_check_memory(&shape);
+    int rc = moe_run_check_memory(&shape, 0);
     if (rc)
         return rc;
     struct moe_weights weights = {0};

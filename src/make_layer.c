@@ -573,6 +573,9 @@ static int write_weights(const struct moe_make_layer_options *o, struct tensor_l
         snprintf(path, sizeof path, "%s/model.safetensors", o->out_dir);
         return moe_st_write(path, l->items, l->count, "pt");
     }
+    if (o->shards > l->count)
+        return moe_fail(-EINVAL, "invalid --shards value %d: this layer has only %d "
+                        "tensors, and every shard needs one", o->shards, l->count);
 
     uint64_t total = 0;
     for (int i = 0; i < l->count; i++)

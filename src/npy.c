@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -792,9 +793,11 @@ static int read_data(const struct npy_reader *r, void *data)
     return check_no_trailing_bytes(r);
 }
 
-/* Converts count float16 or float64 elements at src to float32. */
-static void convert_to_f32(enum moe_npy_dtype dtype, const uint8_t *src,
-                           size_t count, float *dst)
+/* Converts count float16 or float64 elements at src to float32. Returns
+ * the index of the first finite float64 value that float32 cannot hold
+ * (it would become an infinity), or count when there is none. */
+static size_t convert_to_f32(enum moe_npy_dtype dtype, const uint8_t *src,
+                             size_t count, float *dst)
 {
     for (size_t i = 0; i < count; i++) {
         if (dtype == MOE_NPY_F16) {
@@ -805,8 +808,11 @@ static void convert_to_f32(enum moe_npy_dtype dtype, const uint8_t *src,
             double value;
             memcpy(&value, src + 8 * i, sizeof value);
             dst[i] = (float)value; /* rounds to nearest in the default mode */
+            if (isfinite(value) && !isfinite(dst[i]))
+                return i;
         }
     }
+    return count;
 }
 
 /* Reads r->data_bytes of float16 or float64 data in pieces, converts them
@@ -827,7 +833,14 @@ static int read_data_as_f32(const struct npy_reader *r, float *data)
             return moe_fail(rc, "%s: read failed: %s", r->path, strerror(-rc));
         if (got < elements * element_bytes)
             return fail_truncated(r, done * element_bytes + got);
-        convert_to_f32(r->dtype, (const uint8_t *)piece, elements, data + done);
+        size_t bad = convert_to_f32(r->dtype, (const uint8_t *)piece, elements,
+                                    data + done);
+        if (bad < elements) {
+            double value;
+            memcpy(&value, (const uint8_t *)piece + 8 * bad, sizeof value);
+            return moe_fail(-EINVAL, "%s: element %" PRIu64 " is %g, outside the "
+                            "range of float32", r->path, done + bad, value);
+        }
         done += elements;
     }
     return check_no_trailing_bytes(r);

@@ -201,7 +201,7 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
     return 0;
 }
 
-int moe_run_check_memory(const struct moe_shape *s)
+int moe_run_check_memory(const struct moe_shape *s, int dump)
 {
     double floats = 3.0 * (double)s->experts * (double)s->ffn * (double)s->hidden +
                     3.0 * (double)s->shared_ffn * (double)s->hidden +
@@ -211,6 +211,11 @@ int moe_run_check_memory(const struct moe_shape *s)
                     6.0 * (double)s->tokens * (double)s->top_k * (double)s->hidden +
                     /* expert scratch, 2 x rows x F, at most T*K rows in all */
                     2.0 * (double)s->tokens * (double)s->top_k * (double)s->ffn;
+    /* --dump: received rows and expert outputs, (T*K, H) each, in the run
+     * area, in their copies, and in the golden path's stages */
+    if (dump)
+        floats += 5.0 * (double)s->tokens * (double)s->top_k * (double)s->hidden +
+                  6.0 * (double)s->tokens * (double)s->experts;
     double need = floats * sizeof(float);
     double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (have > 0 && need > 0.8 * have)
@@ -386,9 +391,9 @@ static int build_random_layer(struct moe_run_result *result, float **tokens,
     int rc;
     /* Check the memory first when the shape is known, so that a layer too
      * large for this machine is rejected before anything is allocated. */
-    if (!o->input_path && (rc = moe_run_check_memory(&o->shape)))
+    if (!o->input_path && (rc = moe_run_check_memory(&o->shape, o->dump_dir != NULL)))
         return rc;
-    if ((rc = load_tokens(o, tokens)) || (rc = moe_run_check_memory(&o->shape)) ||
+    if ((rc = load_tokens(o, tokens)) || (rc = moe_run_check_memory(&o->shape, o->dump_dir != NULL)) ||
         (rc = moe_weights_init_random(weights, &o->shape, o->seed)))
         return rc;
     result->family = "random";
@@ -412,13 +417,13 @@ static int build_model_layer(struct moe_run_result *result, float **tokens,
     }
     moe_model_shape(&config, o->shape.tokens, &o->shape);
     if (!moe_model_is_moe_layer(&config, layer) || (!o->input_path &&
-                                                    (rc = moe_run_check_memory(&o->shape)))) {
+                                                    (rc = moe_run_check_memory(&o->shape, o->dump_dir != NULL)))) {
         /* moe_model_load_layer() explains a dense layer */
         if (rc == 0)
             rc = moe_model_load_layer(o->model_dir, &config, layer, o->shape.tokens, weights);
         goto out;
     }
-    if ((rc = load_tokens(o, tokens)) || (rc = moe_run_check_memory(&o->shape)) ||
+    if ((rc = load_tokens(o, tokens)) || (rc = moe_run_check_memory(&o->shape, o->dump_dir != NULL)) ||
         (rc = moe_model_load_layer(o->model_dir, &config, layer, o->shape.tokens, weights)))
         goto out;
     result->family = config.family->model_type;

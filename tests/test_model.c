@@ -1081,3 +1081,38 @@ Test(model, config_values_match_reference_rules, .timeout = 30)
     EXPECT_BAD_INPUT(o, "'norm_topk_prob'", "missing");
     remove_tree(dir);
 }
+
+Test(model, float64_input_beyond_float32_exits_2, .timeout = 30)
+{
+    char dir[64], path[128];
+    make_temp_dir(dir, sizeof dir);
+    MAKE_LAYER(dir, "--family", "olmoe");
+    int64_t shape[2] = {2, 64};
+    double values[2 * 64] = {0};
+    values[70] = 1e39; /* finite in float64, infinite in float32 */
+    snprintf(path, sizeof path, "%s/x.npy", dir);
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_F64, 2, shape, values), 0);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", "--model", dir, "--input", path, NULL});
+    EXPECT_BAD_INPUT(o, "x.npy", "element 70", "range of float32");
+
+    /* An infinity in the file stays an infinity: it is a value, not an
+     * overflow of the conversion. */
+    values[70] = INFINITY;
+    cr_assert_eq(moe_npy_write(path, MOE_NPY_F64, 2, shape, values), 0);
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", "--model", dir, "--input", path, NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    remove_tree(dir);
+}
+
+Test(model, make_layer_rejects_more_shards_than_tensors, .timeout = 30)
+{
+    char dir[64];
+    make_temp_dir(dir, sizeof dir);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"make-layer", "--family", "mixtral", "--out", dir,
+                                 "--shards", "999", NULL});
+    EXPECT_BAD_INPUT(o, "--shards", "999", "25 tensors");
+    remove_tree(dir);
+}
