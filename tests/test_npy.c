@@ -1439,13 +1439,13 @@ Test(npy, token_input_float64_rounds_to_nearest)
 {
     /* 1 + 2^-24 lies halfway between 1 and the next float32 and rounds to
      * the even one, 1; 1 + 3 * 2^-24 rounds up to 1 + 2^-22, also even.
-     * 0.1 rounds to 0x3dcccccd, 1e300 overflows to +inf and -1e-50
-     * underflows to -0. */
+     * 0.1 rounds to 0x3dcccccd, +inf stays +inf and -1e-50 underflows to
+     * -0. A finite value beyond float32's range is rejected below. */
     static const uint64_t double_bits[6] = {
         0x3ff0000010000000, /* 1 + 2^-24 */
         0x3ff0000030000000, /* 1 + 3 * 2^-24 */
         0x3fb999999999999a, /* 0.1 */
-        0x7e37e43c8800759c, /* 1e300 */
+        0x7ff0000000000000, /* +inf */
         0xb58dee7a4ad4b81f, /* -1e-50 */
         0x7ff8000000000000, /* NaN */
     };
@@ -1475,6 +1475,15 @@ Test(npy, token_input_float64_rounds_to_nearest)
                      double_bits[i], bits, expected_bits[i]);
     }
     free(data);
+
+    values[3] = 1e300; /* finite, but infinite as float32 */
+    write_npy_with_data(path,
+                        "{'descr': '<f8', 'fortran_order': False, "
+                        "'shape': (3, 2), }",
+                        values, sizeof values);
+    cr_assert_eq(moe_npy_read_as_f32(path, UINT64_MAX, &data, &rows, &cols), -EINVAL);
+    cr_assert_not_null(strstr(moe_error_message(), "element 3"), "%s", moe_error_message());
+    cr_assert_null(data);
 }
 
 Test(npy, token_input_spans_several_pieces)
