@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 /* Published shapes, from each model's config.json on the Hugging Face Hub. */
@@ -641,6 +642,28 @@ static int check_memory(const struct moe_make_layer_options *o)
     return 0;
 }
 
+/* Rejects a layer whose files would not fit in the free space of the
+ * filesystem that holds `dir` (an existing directory), so that a large
+ * preset fails at once instead of after minutes of writing. */
+static int check_disk_space(const struct moe_make_layer_options *o, const char *dir)
+{
+    static const double bytes_per_weight[] = {4.0, 2.0, 2.0, 1.0};
+    double params = 3.0 * (double)o->experts * (double)o->ffn * (double)o->hidden +
+                    3.0 * (double)o->shared_ffn * (double)o->hidden;
+    double need = params * bytes_per_weight[o->dtype] +
+                  (double)o->tokens * (double)o->hidden * sizeof(float);
+    struct statvfs fs;
+    if (statvfs(dir, &fs) != 0)
+        return 0; /* the write itself reports what is wrong */
+    double free_bytes = (double)fs.f_bavail * (double)fs.f_frsize;
+    if (need > free_bytes)
+        return moe_fail(-EINVAL, "invalid --out directory '%s': the layer needs about "
+                        "%.1f MiB but its filesystem has %.1f MiB free; use a larger "
+                        "--scale or another directory", o->out_dir,
+                        need / 1048576.0, free_bytes / 1048576.0);
+    return 0;
+}
+
 /* Rejects an --out directory whose model.safetensors would shadow the new
  * shards: readers load model.safetensors when it exists and never look at
  * the index, so they would read the old weights with the new config. */
@@ -722,7 +745,8 @@ int moe_make_layer(const struct moe_make_layer_options *o)
 static int make_layer_files(const struct moe_make_layer_options *o)
 {
     int rc = check_memory(o);
-    if (rc || (rc = check_no_shadowing_file(o)) || (rc = make_directories(o->out_dir)))
+    if (rc || (rc = check_no_shadowing_file(o)) || (rc = make_directories(o->out_dir)) ||
+        (rc = check_disk_space(o, o->out_dir)))
         return rc;
     struct stat st;
     if (stat(o->out_dir, &st) != 0 || !S_ISDIR(st.st_mode))
