@@ -31,4 +31,10 @@ int moe_resolve_output_path(const char *path, char *target, size_t size);
 int moe_write_file(const char *path, const struct moe_file_part *parts,
                    int count);
 
+/* Creates directory `dir` and any missing parents, as mkdir -p does, with
+ * mode 0777 less the umask. An existing directory is fine. Returns 0, or
+ * -EINVAL with a message naming `flag`, the directory and the part that
+ * could not be created or is not a directory. */
+int moe_make_directories(const char *flag, const char *dir);
+
 #endif

@@ -11,6 +11,7 @@
  */
 #include "moe_dump.h"
 #include "moe_error.h"
+#include "moe_file.h"
 #include "moe_npy.h"
 
 #include <errno.h>
@@ -233,30 +234,6 @@ static int remove_stale_files(const char *dir, int ranks, int has_shared)
     return rc;
 }
 
-/* Creates `dir` and any missing parents. */
-static int make_directories(const char *dir)
-{
-    char path[4096];
-    if (snprintf(path, sizeof path, "%s", dir) >= (int)sizeof path)
-        return moe_fail(-EINVAL, "invalid --dump directory: name too long");
-    for (char *p = path + 1;; p++) {
-        if (*p != '/' && *p != '\0')
-            continue;
-        char saved = *p;
-        *p = '\0';
-        struct stat st;
-        if (mkdir(path, 0777) != 0 && errno != EEXIST)
-            return moe_fail(-EINVAL, "invalid --dump directory '%s': cannot create "
-                            "'%s': %s", dir, path, strerror(errno));
-        if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
-            return moe_fail(-EINVAL, "invalid --dump directory '%s': '%s' is not a "
-                            "directory", dir, path);
-        *p = saved;
-        if (saved == '\0')
-            return 0;
-    }
-}
-
 static int write_array(const char *dir, const char *name, enum moe_npy_dtype dtype,
                        int ndim, const int64_t *shape, const void *data)
 {
@@ -347,7 +324,7 @@ int moe_dump_write(const char *dir, const struct moe_run_result *r, const float 
     int64_t T = s->tokens, H = s->hidden, E = s->experts, K = s->top_k;
     int64_t th[2] = {T, H}, te[2] = {T, E}, tk[2] = {T, K}, tkh[3] = {T, K, H};
     int rc;
-    if ((rc = make_directories(dir)) ||
+    if ((rc = moe_make_directories("--dump", dir)) ||
         (rc = remove_stale_files(dir, r->options.ranks,
                                  r->stage[MOE_STAGE_SHARED_OUT] != NULL)) ||
         (rc = write_array(dir, "tokens", MOE_NPY_F32, 2, th, tokens)) ||

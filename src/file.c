@@ -162,3 +162,28 @@ int moe_write_file(const char *path, const struct moe_file_part *parts,
     }
     return write_replace(target, path, -1, parts, count);
 }
+
+int moe_make_directories(const char *flag, const char *dir)
+{
+    char path[PATH_MAX];
+    if (snprintf(path, sizeof path, "%s", dir) >= (int)sizeof path)
+        return moe_fail(-EINVAL, "invalid %s directory: name too long", flag);
+
+    /* Create each prefix that ends at a '/', then the whole path. */
+    for (char *p = path + 1;; p++) {
+        if (*p != '/' && *p != '\0')
+            continue;
+        char saved = *p;
+        *p = '\0';
+        struct stat st;
+        if (mkdir(path, 0777) != 0 && errno != EEXIST)
+            return moe_fail(-EINVAL, "invalid %s directory '%s': cannot create '%s': %s",
+                            flag, dir, path, strerror(errno));
+        if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+            return moe_fail(-EINVAL, "invalid %s directory '%s': '%s' is not a directory",
+                            flag, dir, path);
+        *p = saved;
+        if (saved == '\0')
+            return 0;
+    }
+}

@@ -684,30 +684,6 @@ static int check_no_shadowing_file(const struct moe_make_layer_options *o)
 }
 
 
-/* Creates `dir` and any missing parents, as mkdir -p does. */
-static int make_directories(const char *dir)
-{
-    char path[4096];
-    if (snprintf(path, sizeof path, "%s", dir) >= (int)sizeof path)
-        return moe_fail(-EINVAL, "invalid --out directory: name too long");
-    for (char *p = path + 1;; p++) {
-        if (*p != '/' && *p != '\0')
-            continue;
-        char saved = *p;
-        *p = '\0';
-        if (mkdir(path, 0777) != 0 && errno != EEXIST)
-            return moe_fail(errno == ENOENT || errno == ENOTDIR || errno == EACCES ||
-                                    errno == EROFS
-                                ? -EINVAL
-                                : -errno,
-                            "invalid --out directory '%s': cannot create '%s': %s", dir,
-                            path, strerror(errno));
-        *p = saved;
-        if (saved == '\0')
-            return 0;
-    }
-}
-
 static int make_layer_files(const struct moe_make_layer_options *o);
 
 int moe_make_layer(const struct moe_make_layer_options *o)
@@ -745,13 +721,10 @@ int moe_make_layer(const struct moe_make_layer_options *o)
 static int make_layer_files(const struct moe_make_layer_options *o)
 {
     int rc = check_memory(o);
-    if (rc || (rc = check_no_shadowing_file(o)) || (rc = make_directories(o->out_dir)) ||
+    if (rc || (rc = check_no_shadowing_file(o)) ||
+        (rc = moe_make_directories("--out", o->out_dir)) ||
         (rc = check_disk_space(o, o->out_dir)))
         return rc;
-    struct stat st;
-    if (stat(o->out_dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return moe_fail(-EINVAL, "invalid --out directory '%s': not a directory",
-                        o->out_dir);
 
     struct moe_shape shape = {o->tokens, o->hidden, o->ffn, o->experts, o->top_k,
                               o->shared_ffn};
