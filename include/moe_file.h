@@ -37,4 +37,17 @@ int moe_write_file(const char *path, const struct moe_file_part *parts,
  * could not be created or is not a directory. */
 int moe_make_directories(const char *flag, const char *dir);
 
+/* Maps an open() or stat() error to a return code: -EINVAL when a wrong
+ * path causes it (ENOENT, ENOTDIR, ELOOP, EACCES, EPERM, ENAMETOOLONG,
+ * EISDIR, ENXIO), because that is bad input, else -err. */
+int moe_path_error_code(int err);
+
+/* Reads the whole regular file `path`, of at most `limit` bytes, into a
+ * new NUL-terminated buffer *text of *length bytes, which the caller
+ * frees. A FIFO or device is rejected without blocking. Returns 0, -EINVAL
+ * for a wrong path, a file that is not regular, larger than `limit` or
+ * shrinking during the read, -ENOMEM, or -errno, with a message naming the
+ * file. */
+int moe_read_small_file(const char *path, size_t limit, char **text, size_t *length);
+
 #endif

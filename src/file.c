@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -186,4 +187,65 @@ int moe_make_directories(const char *flag, const char *dir)
         if (saved == '\0')
             return 0;
     }
+}
+
+int moe_path_error_code(int err)
+{
+    return err == ENOENT || err == ENOTDIR || err == ELOOP || err == EACCES ||
+                   err == EPERM || err == ENAMETOOLONG || err == EISDIR || err == ENXIO
+               ? -EINVAL
+               : -err;
+}
+
+int moe_read_small_file(const char *path, size_t limit, char **text, size_t *length)
+{
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC); /* O_NONBLOCK: a FIFO must not block open() */
+    if (fd < 0) {
+        int err = errno;
+        return moe_fail(moe_path_error_code(err), "%s: open failed: %s", path,
+                        strerror(err));
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int err = errno;
+        close(fd);
+        return moe_fail(-err, "%s: fstat failed: %s", path, strerror(err));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return moe_fail(-EINVAL, "%s: not a regular file", path);
+    }
+    if ((uint64_t)st.st_size > limit) {
+        close(fd);
+        return moe_fail(-EINVAL, "%s: %lld bytes, more than the %zu-byte limit",
+                        path, (long long)st.st_size, limit);
+    }
+
+    size_t len = (size_t)st.st_size;
+    char *buf = malloc(len + 1);
+    if (buf == NULL) {
+        close(fd);
+        return moe_fail(-ENOMEM, "%s: out of memory for %zu bytes", path, len);
+    }
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = read(fd, buf + done, len - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            int err = n < 0 ? errno : 0;
+            close(fd);
+            free(buf);
+            if (err == 0)
+                return moe_fail(-EINVAL, "%s: file shrank while being read",
+                                path);
+            return moe_fail(-err, "%s: read failed: %s", path, strerror(err));
+        }
+        done += (size_t)n;
+    }
+    close(fd);
+    buf[len] = '\0';
+    *text = buf;
+    *length = len;
+    return 0;
 }

@@ -7,19 +7,17 @@
  */
 #include "moe_model.h"
 #include "moe_error.h"
+#include "moe_file.h"
 #include "moe_safetensors.h"
 #include "moe_safetensors_internal.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 static const struct moe_family families[MOE_FAMILY_COUNT] = {
     {MOE_FAMILY_MIXTRAL, "mixtral", "block_sparse_moe", {"w1", "w3", "w2"},
@@ -90,61 +88,6 @@ int moe_tensor_name(const struct moe_family *f, int64_t layer,
 
 /* Largest integer that a JSON number, a double in cJSON, represents exactly. */
 #define JSON_INT_MAX 9007199254740992.0
-
-/* Returns true for an open() or stat() error that a wrong path causes,
- * which is bad input rather than a runtime failure. */
-static int is_path_error(int err)
-{
-    return err == ENOENT || err == ENOTDIR || err == ELOOP || err == EACCES ||
-           err == EPERM || err == ENAMETOOLONG || err == EISDIR || err == ENXIO;
-}
-
-static int read_text_file(const char *path, char **text, size_t *length)
-{
-    *text = NULL;
-    /* O_NONBLOCK keeps open() from waiting for a writer when the path is a
-     * FIFO, which the regular-file check below then rejects. */
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0) {
-        int err = errno;
-        return moe_fail(is_path_error(err) ? -EINVAL : -err, "cannot open '%s': %s",
-                        path, strerror(err));
-    }
-    struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return moe_fail(-EINVAL, "'%s' is not a regular file", path);
-    }
-    /* Published configs take a few kB; 16 MiB bounds a hostile file. */
-    if (st.st_size > (16 << 20)) {
-        close(fd);
-        return moe_fail(-EINVAL, "'%s' is %lld bytes, more than the 16 MiB a "
-                        "config may take", path, (long long)st.st_size);
-    }
-    char *buf = malloc((size_t)st.st_size + 1);
-    if (!buf) {
-        close(fd);
-        return moe_fail(-ENOMEM, "out of memory reading '%s'", path);
-    }
-    size_t have = 0;
-    while (have < (size_t)st.st_size) {
-        ssize_t n = read(fd, buf + have, (size_t)st.st_size - have);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            int err = n < 0 ? errno : EIO;
-            free(buf);
-            close(fd);
-            return moe_fail(-err, "cannot read '%s': %s", path, strerror(err));
-        }
-        have += (size_t)n;
-    }
-    close(fd);
-    buf[have] = '\0';
-    *text = buf;
-    *length = have;
-    return 0;
-}
 
 static int compare_key_names(const void *a, const void *b)
 {
@@ -414,9 +357,10 @@ int moe_model_read_config(const char *dir, struct moe_model_config *c)
     if (snprintf(c->path, sizeof c->path, "%s/config.json", dir) >= (int)sizeof c->path)
         return moe_fail(-EINVAL, "model directory name too long: '%s'", dir);
 
+    /* Published configs take a few kB; 16 MiB bounds a hostile file. */
     char *text;
     size_t length = 0;
-    int rc = read_text_file(c->path, &text, &length);
+    int rc = moe_read_small_file(c->path, (size_t)16 << 20, &text, &length);
     if (rc)
         return rc;
     cJSON *root;

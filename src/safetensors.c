@@ -79,17 +79,6 @@ struct moe_st_model {
 
 /* ---- small helpers ---------------------------------------------------- */
 
-/* Maps an open() or stat() error to the return code: -EINVAL when a wrong
- * path causes it, because that is bad input, else -err. */
-static int path_error_code(int err)
-{
-    return err == ENOENT || err == ENOTDIR || err == ELOOP || err == EACCES ||
-                   err == EPERM || err == ENAMETOOLONG || err == EISDIR ||
-                   err == ENXIO
-               ? -EINVAL
-               : -err;
-}
-
 static char *join_path(const char *dir, const char *name)
 {
     size_t dir_len = strlen(dir), name_len = strlen(name);
@@ -618,7 +607,7 @@ static int load_file(struct st_file *file)
     int fd = open(file->path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
         int err = errno;
-        return moe_fail(path_error_code(err), "%s: open failed: %s",
+        return moe_fail(moe_path_error_code(err), "%s: open failed: %s",
                         file->path, strerror(err));
     }
     struct stat st;
@@ -696,61 +685,6 @@ static int open_single(struct moe_st_model *model, char *path)
     return load_file(&model->files[0]);
 }
 
-/* Reads a whole file of at most `limit` bytes into a new buffer. */
-static int read_small_file(const char *path, size_t limit, char **out,
-                           size_t *out_len)
-{
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC); /* see load_file() */
-    if (fd < 0) {
-        int err = errno;
-        return moe_fail(path_error_code(err), "%s: open failed: %s", path,
-                        strerror(err));
-    }
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        int err = errno;
-        close(fd);
-        return moe_fail(-err, "%s: fstat failed: %s", path, strerror(err));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return moe_fail(-EINVAL, "%s: not a regular file", path);
-    }
-    if ((uint64_t)st.st_size > limit) {
-        close(fd);
-        return moe_fail(-EINVAL, "%s: %lld bytes, more than the %zu-byte limit",
-                        path, (long long)st.st_size, limit);
-    }
-
-    size_t len = (size_t)st.st_size;
-    char *buf = malloc(len + 1);
-    if (buf == NULL) {
-        close(fd);
-        return moe_fail(-ENOMEM, "%s: out of memory for %zu bytes", path, len);
-    }
-    size_t done = 0;
-    while (done < len) {
-        ssize_t n = read(fd, buf + done, len - done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            int err = n < 0 ? errno : 0;
-            close(fd);
-            free(buf);
-            if (err == 0)
-                return moe_fail(-EINVAL, "%s: file shrank while being read",
-                                path);
-            return moe_fail(-err, "%s: read failed: %s", path, strerror(err));
-        }
-        done += (size_t)n;
-    }
-    close(fd);
-    buf[len] = '\0';
-    *out = buf;
-    *out_len = len;
-    return 0;
-}
-
 /* Returns the index of shard `name` in model->files, adding it (and
  * checking that the file exists) if it is new. */
 static int add_shard(struct moe_st_model *model, const char *dir,
@@ -788,7 +722,7 @@ static int add_shard(struct moe_st_model *model, const char *dir,
     struct stat st;
     if (stat(path, &st) < 0) {
         int err = errno;
-        int rc = moe_fail(path_error_code(err),
+        int rc = moe_fail(moe_path_error_code(err),
                           "%s: shard '%s' listed in weight_map: %s: %s", index,
                           name, path, strerror(err));
         free(path);
@@ -907,7 +841,7 @@ static int open_index(struct moe_st_model *model, const char *dir,
     model->index_path = index_path;
     char *text = NULL;
     size_t len = 0;
-    int rc = read_small_file(index_path, MAX_INDEX_BYTES, &text, &len);
+    int rc = moe_read_small_file(index_path, MAX_INDEX_BYTES, &text, &len);
     if (rc < 0)
         return rc;
     rc = parse_index(model, dir, text, len);
@@ -921,7 +855,7 @@ int moe_st_open_model(const char *dir, struct moe_st_model **out)
     struct stat st;
     if (stat(dir, &st) < 0) {
         int err = errno;
-        return moe_fail(path_error_code(err),
+        return moe_fail(moe_path_error_code(err),
                         "%s: cannot open the model directory: %s", dir,
                         strerror(err));
     }
@@ -946,7 +880,7 @@ int moe_st_open_model(const char *dir, struct moe_st_model **out)
         rc = open_single(model, single);
     } else if (errno != ENOENT) {
         int err = errno;
-        rc = moe_fail(path_error_code(err), "%s: stat failed: %s", single,
+        rc = moe_fail(moe_path_error_code(err), "%s: stat failed: %s", single,
                       strerror(err));
         free(single);
         free(index);
@@ -955,7 +889,7 @@ int moe_st_open_model(const char *dir, struct moe_st_model **out)
         rc = open_index(model, dir, index);
     } else {
         int err = errno;
-        rc = moe_fail(path_error_code(err),
+        rc = moe_fail(moe_path_error_code(err),
                       "%s: neither %s nor %s found in the model directory",
                       dir, single_file_name, index_file_name);
         free(single);
