@@ -31,6 +31,10 @@ int moe_parse_double(const char *flag, const char *text, double min,
 int moe_next_option(const char *command, const char *const *known, int argc,
                     char **argv, int *i, const char **value);
 
+/* Parses "on" as 1 and "off" as 0 into *value, or returns -EINVAL with a
+ * message naming `flag` and `text`. */
+int moe_parse_on_off(const char *flag, const char *text, int *value);
+
 /* Rejects, with -EINVAL, an output file path whose directory does not
  * exist or cannot be written, so that a run fails before its work rather
  * than after it. */

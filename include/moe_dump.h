@@ -15,6 +15,10 @@
 /* Name of each stage, as its file is named without ".npy". */
 const char *moe_stage_name(enum moe_stage stage);
 
+/* Returns the number of 4-byte elements (float32 or int32) of a stage
+ * for `shape`. */
+int64_t moe_stage_count(const struct moe_shape *shape, enum moe_stage stage);
+
 /* Compares every stage the distributed run dumped with the golden path's,
  * bit for bit, into result->stage_check, and sets result->stage_mismatch
  * to the first stage that differs or -1. The received rows are checked

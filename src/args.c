@@ -156,3 +156,14 @@ int moe_parse_double(const char *flag, const char *text, double min,
     *value = v;
     return 0;
 }
+
+int moe_parse_on_off(const char *flag, const char *text, int *value)
+{
+    if (!strcmp(text, "on"))
+        *value = 1;
+    else if (!strcmp(text, "off"))
+        *value = 0;
+    else
+        return moe_fail(-EINVAL, "invalid %s value '%s': expected on or off", flag, text);
+    return 0;
+}

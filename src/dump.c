@@ -35,8 +35,7 @@ const char *moe_stage_name(enum moe_stage stage)
     return stage_names[stage];
 }
 
-/* Number of 4-byte elements of a stage. */
-static int64_t stage_count(const struct moe_shape *s, enum moe_stage stage)
+int64_t moe_stage_count(const struct moe_shape *s, enum moe_stage stage)
 {
     switch (stage) {
     case MOE_STAGE_LOGITS:
@@ -117,7 +116,7 @@ void moe_dump_check(struct moe_run_result *r, const struct moe_golden_info *g,
             c->equal = 0;
         } else {
             /* int32 ids compare as 4-byte patterns just like floats */
-            moe_compare_bits(r->stage[stage], golden[stage], stage_count(s, stage), c);
+            moe_compare_bits(r->stage[stage], golden[stage], moe_stage_count(s, stage), c);
         }
         if (!c->equal && r->stage_mismatch < 0)
             r->stage_mismatch = stage;

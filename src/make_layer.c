@@ -128,17 +128,6 @@ struct shape_flags {
     int renormalize; /* -1 when not given */
 };
 
-static int parse_on_off(const char *flag, const char *text, int *value)
-{
-    if (!strcmp(text, "on"))
-        *value = 1;
-    else if (!strcmp(text, "off"))
-        *value = 0;
-    else
-        return moe_fail(-EINVAL, "invalid %s value '%s': expected on or off", flag, text);
-    return 0;
-}
-
 static int parse_dtype(const char *text, enum moe_layer_dtype *dtype)
 {
     static const char *const names[] = {"f32", "bf16", "f16", "fp8"};
@@ -291,7 +280,7 @@ int moe_make_layer_parse(struct moe_make_layer_options *o, int argc, char **argv
             if ((rc = moe_parse_double(flag, text, 0.0, 1e6, &g.scaling_factor)))
                 return rc;
         } else if (!strcmp(flag, "--renormalize")) {
-            if ((rc = parse_on_off(flag, text, &g.renormalize)))
+            if ((rc = moe_parse_on_off(flag, text, &g.renormalize)))
                 return rc;
         } else if (!strcmp(flag, "--dtype")) {
             if ((rc = parse_dtype(text, &o->dtype)))

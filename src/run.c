@@ -169,10 +169,8 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
                 return moe_fail(-EINVAL, "invalid --router value '%s': expected "
                                 "softmax-topk, topk-softmax or sigmoid", text);
         } else if (!strcmp(flag, "--renormalize")) {
-            if (strcmp(text, "on") && strcmp(text, "off"))
-                return moe_fail(-EINVAL, "invalid --renormalize value '%s': "
-                                "expected on or off", text);
-            o->renormalize = !strcmp(text, "on");
+            if ((rc = moe_parse_on_off(flag, text, &o->renormalize)))
+                return rc;
         } else if (!strcmp(flag, "--scaling-factor")) {
             if ((rc = moe_parse_double(flag, text, 0.0, 1e6, &o->scaling_factor)))
                 return rc;
@@ -338,11 +336,7 @@ static void corrupt_stage_for_testing(struct moe_run_result *result)
     for (int i = 0; i < MOE_STAGE_COUNT; i++) {
         if (strcmp(name, moe_stage_name(i)) || !result->stage[i] || index < 0)
             continue;
-        int64_t count = i == MOE_STAGE_LOGITS || i == MOE_STAGE_SCORES ? s->tokens * s->experts
-                        : i == MOE_STAGE_IDS || i == MOE_STAGE_WEIGHTS ? s->tokens * s->top_k
-                        : i == MOE_STAGE_SHARED_OUT ? s->tokens * s->hidden
-                                                    : s->tokens * s->top_k * s->hidden;
-        if (index < count)
+        if (index < moe_stage_count(s, i))
             ((uint32_t *)result->stage[i])[index] ^= 1;
     }
 }
@@ -444,17 +438,10 @@ static int copy_stages(struct moe_run_result *result, void *area)
         [MOE_STAGE_RECV_X] = a->recv_x_offset,   [MOE_STAGE_EXPERT_OUT] = a->expert_out_offset,
         [MOE_STAGE_SHARED_OUT] = a->shared_out_offset,
     };
-    int64_t counts[MOE_STAGE_COUNT] = {
-        [MOE_STAGE_LOGITS] = s->tokens * s->experts, [MOE_STAGE_SCORES] = s->tokens * s->experts,
-        [MOE_STAGE_IDS] = s->tokens * s->top_k,      [MOE_STAGE_WEIGHTS] = s->tokens * s->top_k,
-        [MOE_STAGE_RECV_X] = s->tokens * s->top_k * s->hidden,
-        [MOE_STAGE_EXPERT_OUT] = s->tokens * s->top_k * s->hidden,
-        [MOE_STAGE_SHARED_OUT] = s->tokens * s->hidden,
-    };
     for (int i = 0; i < MOE_STAGE_COUNT; i++) {
         if (!offsets[i])
             continue;
-        size_t bytes = (size_t)counts[i] * 4; /* float and int32 alike */
+        size_t bytes = (size_t)moe_stage_count(s, i) * 4; /* float and int32 alike */
         result->stage[i] = moe_alloc_large(bytes + 1);
         if (!result->stage[i])
             return moe_fail(-ENOMEM, "out of memory for the dumped stages");
