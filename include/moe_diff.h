@@ -24,6 +24,7 @@
 
 #include "moe_npy.h"
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -45,6 +46,10 @@
  * numeric order (rank10 after rank9): rank0's three files, then rank1's.
  * Files not in this table come after output.npy, sorted by name. */
 extern const char *const moe_dump_stages[];
+
+/* Returns true when `name` is a per-rank file of moe_dump_stages, such as
+ * "rank3_recv_x.npy", and stores its rank number. */
+bool moe_dump_rank_file(const char *name, int64_t *rank);
 
 /* Sorts .npy file names in the dump order above. Names of the form
  * rank<r>_recv_*.npy count as per-rank stages only when r is a decimal

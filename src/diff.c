@@ -96,6 +96,15 @@ static struct dump_key dump_key_of(const char *name)
     return (struct dump_key){i, 0, 0};
 }
 
+bool moe_dump_rank_file(const char *name, int64_t *rank)
+{
+    for (int i = 0; moe_dump_stages[i] != NULL; i++)
+        if (strstr(moe_dump_stages[i], "%d") != NULL &&
+            match_rank_pattern(moe_dump_stages[i], name, rank))
+            return true;
+    return false;
+}
+
 static int compare_dump_names(const void *left, const void *right)
 {
     const char *a = *(const char *const *)left;

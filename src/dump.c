@@ -10,6 +10,7 @@
  * rank receives them: by source rank, then by expert, then by token.
  */
 #include "moe_dump.h"
+#include "moe_diff.h"
 #include "moe_error.h"
 #include "moe_file.h"
 #include "moe_npy.h"
@@ -188,24 +189,6 @@ int moe_dump_check_dir(const char *dir, const char *output_path)
     return 0;
 }
 
-/* Returns true when `name` is a per-rank receive file that a dump with
- * `ranks` ranks does not write: "rank{r}_recv_*.npy" with r >= ranks. */
-static int is_stale_rank_file(const char *name, int ranks)
-{
-    static const char *const suffixes[] = {"_recv_src_idx.npy", "_recv_expert.npy",
-                                           "_recv_x.npy"};
-    if (strncmp(name, "rank", 4) != 0)
-        return 0;
-    const char *digits = name + 4;
-    size_t length = strspn(digits, "0123456789");
-    if (length == 0 || length > 9 || (digits[0] == '0' && length > 1))
-        return 0;
-    int is_recv_file = 0;
-    for (size_t i = 0; i < sizeof suffixes / sizeof suffixes[0]; i++)
-        is_recv_file |= !strcmp(digits + length, suffixes[i]);
-    return is_recv_file && atol(digits) >= ranks;
-}
-
 /* Removes the stage files of an earlier dump that this one does not
  * replace, so that `compare` never reads a stage of another run: rank
  * files beyond this run's ranks, and shared_out.npy when this layer has
@@ -220,8 +203,9 @@ static int remove_stale_files(const char *dir, int ranks, int has_shared)
     struct dirent *entry;
     while (rc == 0 && (entry = readdir(stream)) != NULL) {
         const char *name = entry->d_name;
-        if (!is_stale_rank_file(name, ranks) &&
-            (has_shared || strcmp(name, "shared_out.npy") != 0))
+        int64_t rank;
+        int stale_rank_file = moe_dump_rank_file(name, &rank) && rank >= ranks;
+        if (!stale_rank_file && (has_shared || strcmp(name, "shared_out.npy") != 0))
             continue;
         char path[4096];
         snprintf(path, sizeof path, "%s/%s", dir, name);
