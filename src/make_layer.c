@@ -610,10 +610,17 @@ out:
     return rc;
 }
 
+/* Returns the number of expert and shared-expert weights of the layer;
+ * the router and bias are too small to count. */
+static double weight_count(const struct moe_make_layer_options *o)
+{
+    return 3.0 * (double)o->experts * (double)o->ffn * (double)o->hidden +
+           3.0 * (double)o->shared_ffn * (double)o->hidden;
+}
+
 static int check_memory(const struct moe_make_layer_options *o)
 {
-    double params = 3.0 * (double)o->experts * (double)o->ffn * (double)o->hidden +
-                    3.0 * (double)o->shared_ffn * (double)o->hidden;
+    double params = weight_count(o);
     /* float32 weights plus their encoded copy */
     double need = params * 8.0;
     double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
@@ -637,8 +644,7 @@ static int check_memory(const struct moe_make_layer_options *o)
 static int check_disk_space(const struct moe_make_layer_options *o, const char *dir)
 {
     static const double bytes_per_weight[] = {4.0, 2.0, 2.0, 1.0};
-    double params = 3.0 * (double)o->experts * (double)o->ffn * (double)o->hidden +
-                    3.0 * (double)o->shared_ffn * (double)o->hidden;
+    double params = weight_count(o);
     double need = params * bytes_per_weight[o->dtype] +
                   (double)o->tokens * (double)o->hidden * sizeof(float);
     struct statvfs fs;
