@@ -22,7 +22,7 @@ int64_t moe_stage_count(const struct moe_shape *shape, enum moe_stage stage);
 /* Compares every stage the distributed run dumped with the golden path's,
  * bit for bit, into result->stage_check, and sets result->stage_mismatch
  * to the first stage that differs or -1. The received rows are checked
- * against the token rows the layout says each rank receives. */
+ * against the token rows the layout gives each rank. */
 void moe_dump_check(struct moe_run_result *result, const struct moe_golden_info *golden,
                     const float *tokens);
 

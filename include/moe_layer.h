@@ -35,8 +35,8 @@ struct moe_shape {
                            has none */
 };
 
-/* How the router turns a token's E gate logits into K expert ids and K
- * combine weights. The model families map onto these fields:
+/* The rules by which the router turns a token's E gate logits into K
+ * expert ids and K combine weights. The model families map onto these fields:
  *   mixtral                  softmax-topk, renormalize
  *   qwen2_moe, qwen3_moe,    softmax-topk, renormalize = norm_topk_prob
  *   olmoe
@@ -227,8 +227,9 @@ float moe_silu(float v);
  * rows, and token t always sits in row t mod MOE_SHARED_TILE of the call
  * for tile t / MOE_SHARED_TILE. OpenBLAS gives a row the same bits when M,
  * N, K, the row's position and the thread count are the same, whatever the
- * other rows hold, so a rank that computes its own tokens gets the bits of
- * the golden path, which computes all of them. */
+ * other rows contain (tests/test_families.c checks this). So a rank that
+ * computes its own tokens gets the bits of the golden path, which computes
+ * all of them. */
 #define MOE_SHARED_TILE 64
 
 /* Floats of scratch that moe_shared_expert_forward() needs. */

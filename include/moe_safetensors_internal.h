@@ -11,7 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* The header key that holds string metadata instead of a tensor. */
+/* The header key whose value is string metadata instead of a tensor. */
 #define ST_METADATA_KEY "__metadata__"
 
 /* Largest integer accepted in a header or index: 2^53, up to which cJSON's

@@ -435,7 +435,7 @@ static void print_values_result(FILE *out, const struct moe_diff_result *r)
     fprintf(out, ", max abs error %.3g, max rel error %.3g", r->max_abs_error,
             r->max_rel_error);
     /* A large relative error where B is near zero is normal for sums that
-     * cancel, so say where it is. */
+     * cancel, so print where it is. */
     if (r->max_rel_error > 0) {
         char coords[256];
         int64_t at[MOE_NPY_MAX_DIMS];

@@ -639,7 +639,7 @@ static int check_memory(const struct moe_make_layer_options *o)
 }
 
 /* Rejects a layer whose files would not fit in the free space of the
- * filesystem that holds `dir` (an existing directory), so that a large
+ * filesystem that contains `dir` (an existing directory), so that a large
  * preset fails at once instead of after minutes of writing. */
 static int check_disk_space(const struct moe_make_layer_options *o, const char *dir)
 {

@@ -131,7 +131,7 @@ Test(families, nan_never_selected_over_numbers)
     int32_t ids[2];
     struct moe_router r = router_of(MOE_SCORING_SIGMOID, 1, 1.0f, 2, 1);
     moe_route(&r, bias, logits, 1, 4, 2, scores, ids, w);
-    /* groups {0,1} and {2,3}: group 0's key holds a NaN, so group 1 wins */
+    /* groups {0,1} and {2,3}: group 0's key contains a NaN, so group 1 wins */
     cr_assert_eq(ids[0], 2);
     cr_assert_eq(ids[1], 3);
 

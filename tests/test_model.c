@@ -1,8 +1,8 @@
 /*
- * test_model.c - checkpoint layers end to end: make-layer writes each
- * family, `run --model` reads it on 1 to 8 ranks bit for bit, --dump
- * writes consistent stages, and every kind of bad file exits with status 2
- * and a message naming the file and the tensor or field.
+ * test_model.c - checkpoint layers end to end. make-layer writes each
+ * family, and `run --model` reads it on 1 to 8 ranks bit for bit. --dump
+ * writes consistent stages. Every kind of bad file exits with status 2 and
+ * a message naming the file and the tensor or field.
  */
 #define _XOPEN_SOURCE 700 /* nftw */
 #define _DEFAULT_SOURCE
