@@ -62,15 +62,57 @@ struct moe_router {
     int64_t topk_groups;  /* groups a token may select from */
 };
 
+/* The block each expert computes. */
+enum moe_expert_kind {
+    /* y = (act(x . w1^T) * (x . w3^T)) . w2^T, with act = silu (Mixtral) */
+    MOE_EXPERT_SWIGLU = 0,
+    /* y = act(x . w1^T) . w2^T, no w3 (Switch Transformers' wi and wo) */
+    MOE_EXPERT_DENSE = 1,
+};
+
+enum moe_activation {
+    MOE_ACT_SILU = 0,      /* v / (1 + exp(-v)) */
+    MOE_ACT_RELU = 1,      /* max(v, 0); NaN stays NaN */
+    MOE_ACT_GELU = 2,      /* 0.5 v (1 + erf(v / sqrt 2)), transformers' "gelu" */
+    MOE_ACT_GELU_TANH = 3, /* the tanh approximation, "gelu_new" */
+};
+
+/* Which assignments an expert keeps when more than its capacity arrive. */
+enum moe_drop_policy {
+    /* the first `limit` assignments in global token order */
+    MOE_DROP_POSITION = 0,
+    /* the `limit` assignments with the highest routing weight; ties go to
+     * the lower token index, and NaN weights rank lowest */
+    MOE_DROP_PROBS = 1,
+};
+
+/* Expert capacity. A dropped assignment adds nothing to its token's
+ * output. The rule depends only on the whole batch's routing, never on the
+ * rank count. */
+struct moe_capacity {
+    int64_t limit; /* assignments each expert keeps, or -1 for dropless */
+    enum moe_drop_policy policy;
+};
+
 /* Weights of one layer in the Hugging Face (Mixtral) layout. Each expert
  * tensor stores all E experts back to back. */
 struct moe_weights {
     struct moe_shape shape;
     float *gate; /* (E, H): router weight, logits = x . gate^T */
-    float *w1;   /* (E, F, H): gate projection of each expert */
-    float *w3;   /* (E, F, H): up projection of each expert */
-    float *w2;   /* (E, H, F): down projection of each expert */
+    float *w1;   /* (E, F, H): gate projection of each expert (Switch: wi) */
+    float *w3;   /* (E, F, H): up projection of each expert; NULL for
+                    MOE_EXPERT_DENSE */
+    float *w2;   /* (E, H, F): down projection of each expert (Switch: wo) */
+    enum moe_expert_kind expert_kind;
+    enum moe_activation activation;
+    struct moe_capacity capacity;
+    float *gate_bias; /* (E) added to every token's logits, or NULL. Real
+                         checkpoints have none; --skew sets it to make a
+                         synthetic gate favour low expert indices. */
     struct moe_router router;
+    /* The config's router_aux_loss_coef and router_z_loss_coef, or NaN when
+     * it has none; they only scale the reported losses. */
+    double aux_loss_coef, z_loss_coef;
     float *score_bias; /* (E) added to the scores for selection only, or
                           NULL (DeepSeek-V3's e_score_correction_bias) */
     /* The shared expert, which every token passes through, or NULL when
@@ -163,6 +205,15 @@ int moe_expert_owner(int64_t experts, int ranks, int64_t expert);
 void moe_gate_logits(const float *x, const float *gate, int64_t tokens,
                      int64_t hidden, int64_t experts, float *logits);
 
+/* Adds the (E) gate bias to every row of logits (T, E); does nothing when
+ * bias is NULL. */
+void moe_add_gate_bias(float *logits, const float *bias, int64_t tokens,
+                       int64_t experts);
+
+/* Softmax of one row of E logits in fp32, subtracting the row maximum and
+ * summing in index order: the router's own softmax. */
+void moe_softmax_row(const float *logits, int64_t experts, float *probs);
+
 /* Routes T tokens the Mixtral way: softmax over the E logits in fp32, top-k
  * by probability, then the k weights divided by their sum.
  *   logits (T, E) in; probs (T, E), expert_ids (T, K) and weights (T, K) out.
@@ -221,6 +272,32 @@ void moe_expert_forward_loop(const float *x, int64_t rows, int64_t hidden,
 /* silu(v) = v / (1 + exp(-v)), the SwiGLU activation. */
 float moe_silu(float v);
 
+/* Applies `act` to one value. */
+float moe_activate(enum moe_activation act, float v);
+
+/* Runs expert e of the layer on M rows: moe_expert_forward() for SwiGLU
+ * experts, or the dense block with its activation. Same contract: the bits
+ * depend on the rows and on M, and scratch holds
+ * moe_expert_scratch_floats(M, F) floats. */
+void moe_expert_run(const struct moe_weights *weights, int64_t expert,
+                    const float *x, int64_t rows, float *scratch, float *y);
+
+/* ---- capacity ---------------------------------------------------------- */
+
+/* The capacity of --capacity-factor CF and --min-capacity N:
+ * max(ceil(CF * T * K / E), N) assignments, or -1 (dropless) when CF is 0.
+ * Returns -1 as well when the result would not fit in int64. */
+int64_t moe_capacity_from_factor(double factor, int64_t min_capacity,
+                                 int64_t tokens, int64_t top_k, int64_t experts);
+
+/* Decides which of one expert's n assignments survive. `weights` holds
+ * their routing weights in global token order (only read by the probs
+ * policy); keep[i] is set to 1 or 0. Returns the number kept, or -1 when
+ * out of memory (the probs policy sorts a copy of the indices). Both the
+ * golden path and the ranks call this, so they drop the same rows. */
+int64_t moe_capacity_keep(const struct moe_capacity *capacity, int64_t n,
+                          const float *weights, uint8_t *keep);
+
 /* ---- shared expert ---------------------------------------------------- */
 
 /* Rows per GEMM call of the shared expert. Every call has exactly this many
@@ -265,9 +342,12 @@ void moe_combine(int64_t tokens, int64_t hidden, int64_t top_k,
 /* Results of the golden path besides the output. Arrays are allocated by
  * the callee and released with moe_golden_info_free(). */
 struct moe_golden_info {
-    int64_t *tokens_per_expert; /* (E) */
+    int64_t *tokens_per_expert; /* (E): assignments routed, before drops */
+    int64_t *dropped_per_expert; /* (E): of which dropped by the capacity */
     int32_t *expert_ids;        /* (T, K) */
     float *weights;             /* (T, K) */
+    uint8_t *kept;              /* (T, K): 1 when the assignment survived */
+    int64_t *router_stats;      /* moe_router_stats_len(E) sums; see moe_aux.h */
     /* Filled only when want_stages is set before the call: */
     int want_stages;
     float *logits;     /* (T, E) */

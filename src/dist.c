@@ -199,6 +199,7 @@ static int route(struct moe_dist_rank *f, const struct moe_dist_input *in)
     const float *x = in->tokens + f->token_first * H;
 
     moe_gate_logits(x, in->weights->gate, n, H, E, f->logits);
+    moe_add_gate_bias(f->logits, in->weights->gate_bias, n, E);
     moe_route(&in->weights->router, in->weights->score_bias, f->logits, n, E, K,
               f->probs, f->ids, f->weights);
 
@@ -503,10 +504,8 @@ int moe_dist_forward(struct moe_dist_rank *f)
     int64_t expert_row = 0;
     for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++) {
         int64_t rows = rows_of_expert(f, E, e);
-        moe_expert_forward(f->expert_in + expert_row * H, rows, H, F,
-                           in->weights->w1 + e * F * H, in->weights->w3 + e * F * H,
-                           in->weights->w2 + e * H * F, f->scratch,
-                           f->expert_out + expert_row * H);
+        moe_expert_run(in->weights, e, f->expert_in + expert_row * H, rows,
+                       f->scratch, f->expert_out + expert_row * H);
         expert_row += rows;
     }
     moe_shared_expert_forward(in->weights, in->tokens + f->token_first * H,

@@ -11,6 +11,7 @@
  * Memory: the expert-major input and output buffers are (T*K, H) each.
  */
 #include "moe_layer.h"
+#include "moe_aux.h"
 #include "moe_error.h"
 
 #include <errno.h>
@@ -30,7 +31,12 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
     int32_t *ids = malloc((size_t)(T * K + 1) * sizeof(int32_t));
     float *route_weights = malloc((size_t)(T * K + 1) * sizeof(float));
     int64_t *counts = calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *dropped = calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *offsets = calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *by_expert = malloc((size_t)(T * K + 1) * sizeof(int64_t));
+    float *list_weights = malloc((size_t)(T * K + 1) * sizeof(float));
+    uint8_t *kept = malloc((size_t)(T * K + 1));
+    int64_t *stats = calloc((size_t)moe_router_stats_len(E), sizeof(int64_t));
     float *expert_in = moe_alloc_large((size_t)(T * K * H + 1) * sizeof(float));
     float *expert_out = moe_alloc_large((size_t)(T * K * H + 1) * sizeof(float));
     const float **rows = malloc((size_t)(T * K + 1) * sizeof(*rows));
@@ -40,7 +46,8 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
         memset(info, 0, sizeof *info);
         info->want_stages = want_stages;
     }
-    if (!logits || !probs || !ids || !route_weights || !counts || !offsets ||
+    if (!logits || !probs || !ids || !route_weights || !counts || !dropped ||
+        !offsets || !by_expert || !list_weights || !kept || !stats ||
         !expert_in || !expert_out || !rows) {
         rc = moe_fail(-ENOMEM, "golden path: out of memory for %lld tokens",
                       (long long)T);
@@ -49,48 +56,64 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
 
     /* Route. */
     moe_gate_logits(x, weights->gate, T, H, E, logits);
+    moe_add_gate_bias(logits, weights->gate_bias, T, E);
     moe_route(&weights->router, weights->score_bias, logits, T, E, K, probs, ids,
               route_weights);
+    moe_router_stats_add(stats, logits, ids, T, E, K);
 
-    /* Count rows per expert; an expert's block starts after all lower ones. */
+    /* Each expert's assignments in global token order: a counting sort of
+     * the slots t * K + k by expert, stable in t. */
     for (int64_t i = 0; i < T * K; i++)
         counts[ids[i]]++;
-    int64_t max_rows = 0;
-    for (int64_t e = 0; e < E; e++) {
-        offsets[e] = e == 0 ? 0 : offsets[e - 1] + counts[e - 1];
-        if (counts[e] > max_rows)
-            max_rows = counts[e];
-    }
+    for (int64_t e = 1; e < E; e++)
+        offsets[e] = offsets[e - 1] + counts[e - 1];
+    for (int64_t i = 0; i < T * K; i++)
+        by_expert[offsets[ids[i]]++] = i;
+    for (int64_t e = 0; e < E; e++)
+        offsets[e] -= counts[e];
 
-    /* Gather in global token order: scanning t upwards fills each expert's
-     * block in the order of its tokens. */
-    int64_t *fill = calloc((size_t)E + 1, sizeof(int64_t));
-    if (!fill) {
-        rc = moe_fail(-ENOMEM, "golden path: out of memory");
-        goto out;
-    }
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t k = 0; k < K; k++) {
-            int32_t e = ids[t * K + k];
-            int64_t row = offsets[e] + fill[e]++;
-            memcpy(expert_in + row * H, x + t * H, (size_t)H * sizeof(float));
-            rows[t * K + k] = expert_out + row * H;
+    /* Capacity: decide each expert's survivors, then gather the kept rows,
+     * still in token order. A dropped slot gets no row. */
+    int64_t row = 0, max_rows = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t *list = by_expert + offsets[e];
+        for (int64_t j = 0; j < counts[e]; j++)
+            list_weights[j] = route_weights[list[j]];
+        int64_t keep_count = moe_capacity_keep(&weights->capacity, counts[e],
+                                               list_weights, kept + offsets[e]);
+        if (keep_count < 0) {
+            rc = moe_fail(-ENOMEM, "golden path: out of memory for the capacity rule");
+            goto out;
+        }
+        dropped[e] = counts[e] - keep_count;
+        if (keep_count > max_rows)
+            max_rows = keep_count;
+        for (int64_t j = 0; j < counts[e]; j++) {
+            int64_t slot = list[j];
+            if (!kept[offsets[e] + j]) {
+                rows[slot] = NULL;
+                continue;
+            }
+            memcpy(expert_in + row * H, x + (slot / K) * H, (size_t)H * sizeof(float));
+            rows[slot] = expert_out + row * H;
+            row++;
         }
     }
-    free(fill);
 
-    /* Compute: one call per expert over all of its rows. */
+    /* Compute: one call per expert over all of its kept rows. */
     scratch = moe_alloc_large((size_t)(moe_expert_scratch_floats(max_rows, F) + 1) *
                      sizeof(float));
     if (!scratch) {
         rc = moe_fail(-ENOMEM, "golden path: out of memory for expert scratch");
         goto out;
     }
-    for (int64_t e = 0; e < E; e++)
-        moe_expert_forward(expert_in + offsets[e] * H, counts[e], H, F,
-                           weights->w1 + e * F * H, weights->w3 + e * F * H,
-                           weights->w2 + e * H * F, scratch,
-                           expert_out + offsets[e] * H);
+    row = 0;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = counts[e] - dropped[e];
+        moe_expert_run(weights, e, expert_in + row * H, n, scratch,
+                       expert_out + row * H);
+        row += n;
+    }
 
     /* The shared expert, over all tokens in its fixed tiles. */
     if (s->shared_ffn > 0) {
@@ -115,8 +138,12 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
             rc = moe_fail(-ENOMEM, "golden path: out of memory for the stages");
             goto out;
         }
-        for (int64_t i = 0; i < T * K; i++)
-            memcpy(slot_out + i * H, rows[i], (size_t)H * sizeof(float));
+        for (int64_t i = 0; i < T * K; i++) {
+            if (rows[i])
+                memcpy(slot_out + i * H, rows[i], (size_t)H * sizeof(float));
+            else
+                memset(slot_out + i * H, 0, (size_t)H * sizeof(float));
+        }
         info->expert_out = slot_out;
         info->logits = logits;
         info->scores = probs;
@@ -124,12 +151,23 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
         logits = probs = shared_out = NULL;
     }
     if (info) {
+        /* kept is expert-major; the caller wants it by (token, slot). */
+        for (int64_t e = 0; e < E; e++)
+            for (int64_t j = 0; j < counts[e]; j++)
+                list_weights[by_expert[offsets[e] + j]] = kept[offsets[e] + j];
+        for (int64_t i = 0; i < T * K; i++)
+            kept[i] = list_weights[i] != 0.0f;
         info->tokens_per_expert = counts;
+        info->dropped_per_expert = dropped;
         info->expert_ids = ids;
         info->weights = route_weights;
-        counts = NULL;
+        info->kept = kept;
+        info->router_stats = stats;
+        counts = dropped = NULL;
         ids = NULL;
         route_weights = NULL;
+        kept = NULL;
+        stats = NULL;
     }
 
 out:
@@ -138,7 +176,12 @@ out:
     free(ids);
     free(route_weights);
     free(counts);
+    free(dropped);
     free(offsets);
+    free(by_expert);
+    free(list_weights);
+    free(kept);
+    free(stats);
     free(expert_in);
     free(expert_out);
     free(rows);
@@ -151,8 +194,11 @@ out:
 void moe_golden_info_free(struct moe_golden_info *info)
 {
     free(info->tokens_per_expert);
+    free(info->dropped_per_expert);
     free(info->expert_ids);
     free(info->weights);
+    free(info->kept);
+    free(info->router_stats);
     free(info->logits);
     free(info->scores);
     free(info->expert_out);

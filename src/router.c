@@ -57,7 +57,7 @@ static bool ranks_above(float a, float b)
     return a > b;
 }
 
-static void softmax_row(const float *logits, int64_t experts, float *probs)
+void moe_softmax_row(const float *logits, int64_t experts, float *probs)
 {
     /* Any NaN logit, a +Inf logit (Inf - Inf) or an all -Inf row makes the
      * sum NaN and so every probability of the row NaN. */
@@ -73,6 +73,16 @@ static void softmax_row(const float *logits, int64_t experts, float *probs)
     }
     for (int64_t e = 0; e < experts; e++)
         probs[e] /= sum;
+}
+
+void moe_add_gate_bias(float *logits, const float *bias, int64_t tokens,
+                       int64_t experts)
+{
+    if (!bias)
+        return;
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t e = 0; e < experts; e++)
+            logits[t * experts + e] += bias[e];
 }
 
 void moe_router_default(struct moe_router *router)
@@ -173,7 +183,7 @@ void moe_route(const struct moe_router *r, const float *score_bias,
         float *w = weights + t * top_k;
 
         if (r->scoring == MOE_SCORING_SOFTMAX_TOPK) {
-            softmax_row(row_logits, experts, row_scores);
+            moe_softmax_row(row_logits, experts, row_scores);
         } else if (r->scoring == MOE_SCORING_SIGMOID) {
             for (int64_t e = 0; e < experts; e++)
                 row_scores[e] = sigmoid(row_logits[e]);
@@ -204,7 +214,7 @@ void moe_route(const struct moe_router *r, const float *score_bias,
         }
 
         if (r->scoring == MOE_SCORING_TOPK_SOFTMAX)
-            softmax_row(w, top_k, w);
+            moe_softmax_row(w, top_k, w);
         if (r->renormalize) {
             float sum = 0.0f;
             for (int64_t k = 0; k < top_k; k++)

@@ -70,6 +70,9 @@ int moe_weights_alloc(struct moe_weights *w, const struct moe_shape *shape,
     memset(w, 0, sizeof *w);
     w->shape = *shape;
     moe_router_default(&w->router);
+    w->capacity.limit = -1; /* dropless */
+    w->aux_loss_coef = NAN;
+    w->z_loss_coef = NAN;
     w->gate = malloc((size_t)(E * H) * sizeof(float));
     w->w1 = moe_alloc_large((size_t)(E * F * H) * sizeof(float));
     w->w3 = moe_alloc_large((size_t)(E * F * H) * sizeof(float));
@@ -147,6 +150,7 @@ void moe_weights_free(struct moe_weights *w)
     free(w->w3);
     free(w->w2);
     free(w->score_bias);
+    free(w->gate_bias);
     free(w->shared_w1);
     free(w->shared_w3);
     free(w->shared_w2);
