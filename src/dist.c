@@ -437,7 +437,7 @@ int moe_dist_forward(struct moe_dist_rank *f)
     struct moe_comm *comm = f->comm;
     const struct moe_dist_input *in = f->input;
     const struct moe_shape *s = &in->weights->shape;
-    int64_t H = s->hidden, F = s->ffn, E = s->experts, K = s->top_k, n = f->tokens;
+    int64_t H = s->hidden, E = s->experts, K = s->top_k, n = f->tokens;
     int R = comm->ranks, me = comm->rank;
     uint64_t row_bytes = (uint64_t)H * sizeof(float);
     void *area = moe_segment_app(comm->segment);
