@@ -33,6 +33,7 @@ struct moe_comm {
     uint64_t *received;             /* (R) scratch: bytes received per peer */
     uint64_t wait_ns[MOE_STEP_COUNT]; /* time spent waiting, per step */
     uint64_t bytes_sent[MOE_STEP_COUNT]; /* bytes written to rings, per step */
+    uint64_t allreduce_bytes;       /* of those, sent by moe_allreduce_i64 */
 };
 
 /* Attaches `rank` to the rings of a validated segment. Returns 0, -ENOMEM,
@@ -66,6 +67,16 @@ int moe_alltoallv(struct moe_comm *comm, const void *send,
  * block at s * bytes. */
 int moe_allgather(struct moe_comm *comm, const void *send, uint64_t bytes,
                   void *recv);
+
+/* Sums `count` int64 values over all ranks, in place: every rank ends with
+ * values[i] = sum over ranks r = 0..R-1, in that order, of rank r's
+ * values[i]. Integer sums are exact, so the result is the same bits on
+ * every rank and for any rank count; moe_aux.h turns float sums into
+ * integers for this. Built on the rings as an all-gather followed by a
+ * local sum, which costs (R - 1) * count * 8 bytes sent per rank and suits
+ * the small vectors it is used for. The bytes also count in
+ * allreduce_bytes. */
+int moe_allreduce_i64(struct moe_comm *comm, int64_t *values, int64_t count);
 
 /* Returns when every rank has entered the barrier. */
 int moe_barrier(struct moe_comm *comm);
