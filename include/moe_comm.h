@@ -34,6 +34,10 @@ struct moe_comm {
     uint64_t wait_ns[MOE_STEP_COUNT]; /* time spent waiting, per step */
     uint64_t bytes_sent[MOE_STEP_COUNT]; /* bytes written to rings, per step */
     uint64_t allreduce_bytes;       /* of those, sent by moe_allreduce_i64 */
+    /* Called after every wait on a peer with its start and end
+     * (moe_now_ns), when set; the run's trace records them. */
+    void (*on_wait)(void *arg, int step, int64_t start_ns, int64_t end_ns);
+    void *on_wait_arg;
 };
 
 /* Attaches `rank` to the rings of a validated segment. Returns 0, -ENOMEM,

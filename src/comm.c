@@ -196,7 +196,10 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
 
         int64_t wait_start = moe_now_ns();
         int rc = moe_doorbell_wait(seg, me, seen, deadline);
-        c->wait_ns[c->step] += (uint64_t)(moe_now_ns() - wait_start);
+        int64_t wait_end = moe_now_ns();
+        c->wait_ns[c->step] += (uint64_t)(wait_end - wait_start);
+        if (c->on_wait)
+            c->on_wait(c->on_wait_arg, c->step, wait_start, wait_end);
         if (rc == -ETIMEDOUT)
             return report_timeout(c, send_bytes, recv_bytes, timeout_ns);
         if (rc)
