@@ -74,4 +74,13 @@ void moe_aux_losses_compute(const int64_t *stats, int64_t experts, int64_t top_k
                             double aux_loss_coef, double z_loss_coef,
                             struct moe_aux_losses *losses);
 
+/* Aux-loss-free balancing (DeepSeek-V3): after a forward with whole-batch
+ * stats, moves each expert's selection bias by
+ *   b_e += rate * sign(mean load - load_e),  mean load = T * K / E,
+ * where load_e is the assignments routed to e. The ranks and the golden
+ * path call this with the same stats, so their biases stay bit for bit
+ * equal. */
+void moe_selection_bias_update(float *bias, const int64_t *stats, int64_t experts,
+                               int64_t top_k, float rate);
+
 #endif

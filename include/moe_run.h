@@ -5,6 +5,7 @@
 #ifndef MOE_RUN_H
 #define MOE_RUN_H
 
+#include "moe_dist.h"
 #include "moe_launch.h"
 #include "moe_layer.h"
 
@@ -29,6 +30,19 @@ struct moe_run_options {
     int scoring;              /* enum moe_scoring, or -1 */
     int renormalize;          /* 0 or 1, or -1 */
     double scaling_factor;    /* or NAN */
+    /* Capacity (see struct moe_capacity): */
+    double capacity_factor;   /* 0: dropless */
+    int capacity_factor_given;
+    int64_t min_capacity;     /* floor under the factor's capacity */
+    int64_t expert_capacity;  /* exact capacity, or -1 */
+    int drop_policy;          /* enum moe_drop_policy, or -1 */
+    /* Imbalance and balancing: */
+    double skew;              /* Zipf exponent of the synthetic gate bias */
+    int64_t steps;            /* forwards, each on a fresh batch */
+    double bias_update_rate;  /* 0: no aux-loss-free balancing */
+    /* Observability: */
+    const char *stats_path;   /* --stats JSON, or NULL */
+    const char *trace_path;   /* --trace JSON, or NULL */
 };
 
 /* Fills the built-in defaults: 4 ranks and a Mixtral-like shape scaled down
@@ -80,7 +94,25 @@ struct moe_run_result {
     struct moe_run_options options;
     float *output;        /* (T, H), gathered from the ranks */
     float *golden;        /* (T, H) */
-    int64_t *counts;      /* (R, E): rows rank r sent to expert e */
+    int64_t *counts;      /* (R, E): rows rank r routed to expert e, last
+                             forward, before drops */
+    int64_t *kept_counts; /* (R, E): of those, the rows expert e kept */
+    uint8_t *kept;        /* (T, K): 1 when the assignment survived */
+    int64_t stats_len;    /* moe_router_stats_len(E) */
+    int64_t *stats;       /* (steps, stats_len): router stats per forward */
+    int64_t *dropped;     /* (steps, E): drops per expert per forward */
+    struct moe_capacity capacity;
+    double aux_loss_coef, z_loss_coef;
+    struct moe_rank_report report[MOE_MAX_RANKS];
+    struct moe_trace_event *trace; /* (R, trace_capacity), or NULL */
+    int64_t trace_capacity;
+    int64_t launch_start_ns; /* moe_now_ns() when the ranks were forked */
+    /* The golden path's view, checked bit for bit against the ranks': */
+    int64_t routing_mismatch_step; /* first forward whose counts, drops or
+                                      stats differ, or -1 */
+    int kept_equal;       /* the drop flags (T, K) of the last forward */
+    float *last_tokens;   /* (T, H): the batch of the last forward, when
+                             --steps drew a fresh one, else NULL */
     uint64_t step_ns[MOE_MAX_RANKS][MOE_STEP_COUNT];
     uint64_t wait_ns[MOE_MAX_RANKS][MOE_STEP_COUNT];
     int64_t forward_ns;   /* launch to last rank exit */
@@ -112,5 +144,22 @@ void moe_run_result_free(struct moe_run_result *result);
 /* Prints the report: configuration, tokens per expert and rank, traffic
  * matrix, step times per rank, and the golden check last. */
 void moe_run_print_report(FILE *out, const struct moe_run_result *result);
+
+/* Returns max/mean of values[0..count), the imbalance figure (0 when all
+ * are 0). */
+double moe_run_imbalance(const int64_t *values, int64_t count);
+
+struct moe_aux_losses;
+/* The aux losses of forward `step` (0-based) from the run's stats. */
+void moe_run_aux_losses(const struct moe_run_result *result, int64_t step,
+                        struct moe_aux_losses *losses);
+
+/* Writes --stats: everything the report prints, as JSON. Returns 0 or a
+ * negative error with a message naming the file. */
+int moe_run_write_stats(const char *path, const struct moe_run_result *result);
+
+/* Writes --trace: Chrome trace-event JSON with one track per rank, a span
+ * for each step and each wait, and byte counters. */
+int moe_run_write_trace(const char *path, const struct moe_run_result *result);
 
 #endif

@@ -164,3 +164,14 @@ void moe_aux_losses_compute(const int64_t *stats, int64_t experts, int64_t top_k
     l->load_balance_scaled = l->load_balance * aux_loss_coef;
     l->z_loss_scaled = l->z_loss * z_loss_coef;
 }
+
+void moe_selection_bias_update(float *bias, const int64_t *stats, int64_t experts,
+                               int64_t top_k, float rate)
+{
+    double mean = (double)stats[0] * (double)top_k / (double)experts;
+    for (int64_t e = 0; e < experts; e++) {
+        double load = (double)stats[1 + e];
+        float sign = load < mean ? 1.0f : load > mean ? -1.0f : 0.0f;
+        bias[e] += rate * sign;
+    }
+}

@@ -23,6 +23,8 @@ const char *const moe_dump_stages[] = {
     "router_scores.npy",         /* (T, E) float32 */
     "topk_ids.npy",              /* (T, K) int32 */
     "topk_weights.npy",          /* (T, K) float32 */
+    "topk_kept.npy",             /* (T, K) bool, 0 where the capacity
+                                    dropped the assignment */
     "num_tokens_per_rank.npy",   /* (R,) int32 */
     "num_tokens_per_expert.npy", /* (E,) int32 */
     "is_token_in_rank.npy",      /* (T, R) bool */

@@ -3,13 +3,15 @@
  *
  * Runs in each rank process. Reads the weights and its token block from
  * memory inherited from the launcher, exchanges rows only through the rings,
- * and writes its output rows and its routing counts into the run area.
+ * and writes its output rows, routing counts, drops and stats into the run
+ * area.
  *
  * Row orders, which are what make the output bitwise equal to the golden
  * path:
- *   send buffer   this rank's assignments sorted by (expert, token). Experts
- *                 of one destination are contiguous, so this is also
- *                 destination-major, and the block for rank d is one range.
+ *   send buffer   this rank's kept assignments sorted by (expert, token).
+ *                 Experts of one destination are contiguous, so this is
+ *                 also destination-major, and the block for rank d is one
+ *                 range.
  *   receive buf   source-major, and within one source expert-major in token
  *                 order (the sender's order).
  *   expert input  expert-major; within an expert, sources in rank order.
@@ -18,8 +20,20 @@
  *                 them.
  * Combine runs the same exchange backwards with the same counts, so the
  * returned rows land in send-buffer order and map back to (token, slot).
+ *
+ * Capacity. The golden path keeps, for each expert, the survivors of
+ * moe_capacity_keep() over the expert's assignments in global token order.
+ * The ranks reach the same set without sending a dropped row:
+ *   position  assignment j of rank s to expert e has global position
+ *             (rows of ranks below s to e) + j, which the layout gives
+ *             every rank, so each rank drops its own rows by itself;
+ *   probs     each rank sends the owner its routing weights (4 bytes per
+ *             assignment), the owner applies the rule to each expert's list
+ *             in global token order and returns one keep flag per
+ *             assignment. Rows move only after that.
  */
 #include "moe_dist.h"
+#include "moe_aux.h"
 #include "moe_error.h"
 
 #include <errno.h>
@@ -39,22 +53,49 @@ static uint64_t align64(uint64_t v)
  * on overflow. Every size is checked against a bound far below 2^64 first,
  * so the sums cannot wrap. */
 static uint64_t layout_run_area(struct moe_run_area *a, const struct moe_shape *s,
-                                int ranks, int dump)
+                                int ranks, const struct moe_run_area_spec *spec)
 {
     const uint64_t limit = (uint64_t)1 << 56;
+    struct moe_run_area_spec none = {.steps = 1};
+    if (!spec)
+        spec = &none;
     uint64_t T = (uint64_t)s->tokens, H = (uint64_t)s->hidden,
-             E = (uint64_t)s->experts, K = (uint64_t)s->top_k;
+             E = (uint64_t)s->experts, K = (uint64_t)s->top_k,
+             steps = spec->steps < 1 ? 1 : (uint64_t)spec->steps;
     if (T >= (1u << 30) || H >= (1u << 30) || E >= (1u << 30) || K > E ||
-        T * H >= limit / (K + 1) / sizeof(float))
+        steps > (1u << 24) || T * H >= limit / (K + 1) / sizeof(float))
         return 0;
+    uint64_t stats_len = (uint64_t)moe_router_stats_len((int64_t)E);
+    uint64_t trace_capacity = 0;
+    if (spec->trace) {
+        trace_capacity = 256 * steps;
+        if (trace_capacity > (1u << 16))
+            trace_capacity = 1u << 16;
+    }
 
     uint64_t at = align64(sizeof *a);
     memset(a, 0, sizeof *a);
+    a->steps = (int64_t)steps;
+    a->trace_capacity = (int64_t)trace_capacity;
     a->output_offset = at;
     at += align64(T * H * sizeof(float));
     a->counts_offset = at;
     at += align64((uint64_t)ranks * E * sizeof(int64_t));
-    if (dump) {
+    a->kept_offset = at;
+    at += align64(T * K);
+    a->kept_counts_offset = at;
+    at += align64((uint64_t)ranks * E * sizeof(int64_t));
+    a->stats_offset = at;
+    at += align64(steps * stats_len * sizeof(int64_t));
+    a->dropped_offset = at;
+    at += align64(steps * E * sizeof(int64_t));
+    a->rank_report_offset = at;
+    at += align64((uint64_t)ranks * sizeof(struct moe_rank_report));
+    if (trace_capacity) {
+        a->trace_offset = at;
+        at += align64((uint64_t)ranks * trace_capacity * sizeof(struct moe_trace_event));
+    }
+    if (spec->dump) {
         a->logits_offset = at;
         at += align64(T * E * sizeof(float));
         a->scores_offset = at;
@@ -75,20 +116,22 @@ static uint64_t layout_run_area(struct moe_run_area *a, const struct moe_shape *
     return at;
 }
 
-uint64_t moe_run_area_bytes(const struct moe_shape *shape, int ranks, int dump)
+uint64_t moe_run_area_bytes(const struct moe_shape *shape, int ranks,
+                            const struct moe_run_area_spec *spec)
 {
     struct moe_run_area a;
-    return layout_run_area(&a, shape, ranks, dump);
+    return layout_run_area(&a, shape, ranks, spec);
 }
 
-void moe_run_area_init(void *area, const struct moe_shape *shape, int ranks, int dump)
+void moe_run_area_init(void *area, const struct moe_shape *shape, int ranks,
+                       const struct moe_run_area_spec *spec)
 {
     struct moe_run_area *a = area;
-    a->area_bytes = layout_run_area(a, shape, ranks, dump);
+    a->area_bytes = layout_run_area(a, shape, ranks, spec);
     a->magic = MOE_RUN_AREA_MAGIC;
     a->shape = *shape;
     a->ranks = ranks;
-    a->dump = dump;
+    a->dump = spec && spec->dump;
 }
 
 /* Per-rank state, kept across forwards so that buffers are reused. */
@@ -96,19 +139,29 @@ struct moe_dist_rank {
     struct moe_comm *comm;
     const struct moe_dist_input *input;
     struct moe_rank_slot *slot;
+    struct moe_rank_report *report; /* this rank's, in the run area */
     int64_t step_start_ns;
     uint64_t step_wait_start_ns; /* comm->wait_ns of the step at its start */
+    uint64_t step_bytes_start;   /* comm->bytes_sent of the step at its start */
+    int64_t forward;             /* forwards run so far */
 
     int64_t token_first, tokens;   /* this rank's token block */
     int64_t expert_first, experts; /* this rank's expert block */
 
+    float *step_tokens;  /* (tokens, H) drawn batch of forwards after the
+                            first, or NULL */
+    float *bias;         /* (E) selection bias, or NULL */
     float *logits;       /* (tokens, E) */
     float *probs;        /* (tokens, E) */
     int32_t *ids;        /* (tokens, K) */
     float *weights;      /* (tokens, K) */
-    int64_t *counts;     /* (E): rows this rank sends to each expert */
+    int64_t *counts;     /* (E): rows this rank routes to each expert */
     int64_t *all_counts; /* (R, E): every rank's counts */
+    int64_t *kept_counts; /* (R, E): rows expert e keeps of rank s; valid for
+                             this rank's row and its experts' columns */
+    int64_t *stats;      /* moe_router_stats_len(E) */
     int64_t *order;      /* (tokens * K): send row i is slot order[i] */
+    uint8_t *keep;       /* (tokens * K): send row i survives */
     float *send_rows;    /* (tokens * K, H) */
     float *recv_rows;    /* (received, H), source-major */
     float *expert_in;    /* (received, H), expert-major */
@@ -120,6 +173,9 @@ struct moe_dist_rank {
     uint64_t *table;     /* 5 x (R): byte counts and offsets */
     int64_t received_capacity; /* rows recv_rows, expert_in, expert_out hold */
     int64_t scratch_capacity;
+
+    struct moe_trace_event *trace; /* this rank's buffer, or NULL */
+    int64_t trace_capacity;
 };
 
 /* Debug fault injection for tests. MOE_EP_FAULT="RANK:STEP:ACTION" makes
@@ -153,6 +209,40 @@ static void inject_fault(int rank, int step)
         _exit(1);
 }
 
+/* Appends a span to the trace; a wait that starts soon after the last
+ * wait span is merged into it, and when the buffer is full waits merge
+ * into the last span. */
+static void trace_add(struct moe_dist_rank *f, int kind, int step, int64_t start,
+                      int64_t end, uint64_t bytes)
+{
+    if (!f->trace)
+        return;
+    int64_t n = f->report->trace_events;
+    struct moe_trace_event *last = n > 0 ? &f->trace[n - 1] : NULL;
+    if (kind == MOE_TRACE_WAIT && last && last->kind == MOE_TRACE_WAIT &&
+        last->step == step && last->forward == f->forward &&
+        start - last->end_ns < MOE_TRACE_MERGE_NS) {
+        last->end_ns = end;
+        return;
+    }
+    if (n >= f->trace_capacity) {
+        if (kind == MOE_TRACE_WAIT && last && last->kind == MOE_TRACE_WAIT) {
+            last->end_ns = end;
+            f->report->trace_merged++;
+        }
+        return;
+    }
+    f->trace[n] = (struct moe_trace_event){.start_ns = start, .end_ns = end,
+                                           .kind = kind, .step = step,
+                                           .forward = f->forward, .bytes = bytes};
+    f->report->trace_events = n + 1;
+}
+
+static void record_wait(void *arg, int step, int64_t start, int64_t end)
+{
+    trace_add(arg, MOE_TRACE_WAIT, step, start, end, 0);
+}
+
 static void begin_step(struct moe_dist_rank *f, int step)
 {
     moe_comm_set_step(f->comm, step);
@@ -160,12 +250,17 @@ static void begin_step(struct moe_dist_rank *f, int step)
     inject_fault(f->comm->rank, step);
     f->step_start_ns = moe_now_ns();
     f->step_wait_start_ns = f->comm->wait_ns[step];
+    f->step_bytes_start = f->comm->bytes_sent[step];
 }
 
 static void end_step(struct moe_dist_rank *f, int step)
 {
-    f->slot->step_ns[step] = (uint64_t)(moe_now_ns() - f->step_start_ns);
-    f->slot->wait_ns[step] = f->comm->wait_ns[step] - f->step_wait_start_ns;
+    int64_t end = moe_now_ns();
+    uint64_t bytes = f->comm->bytes_sent[step] - f->step_bytes_start;
+    f->slot->step_ns[step] += (uint64_t)(end - f->step_start_ns);
+    f->slot->wait_ns[step] += f->comm->wait_ns[step] - f->step_wait_start_ns;
+    f->report->bytes_sent[step] += bytes;
+    trace_add(f, MOE_TRACE_STEP, step, f->step_start_ns, end, bytes);
 }
 
 /* Checks the counts rank s announced: each expert gets at most one row per
@@ -192,16 +287,31 @@ static int validate_layout(const struct moe_dist_rank *f, const struct moe_shape
     return 0;
 }
 
-static int route(struct moe_dist_rank *f, const struct moe_dist_input *in)
+/* The batch of the current forward: the launcher's tokens for the first,
+ * then a fresh draw for each later one when asked for. */
+static const float *forward_tokens(struct moe_dist_rank *f)
 {
+    const struct moe_dist_input *in = f->input;
+    int64_t H = in->weights->shape.hidden;
+    if (f->forward == 0 || !in->draw_tokens || !f->step_tokens)
+        return in->tokens + f->token_first * H;
+    moe_fill_uniform(f->step_tokens, f->tokens * H, in->seed, MOE_STREAM_TOKENS,
+                     (uint32_t)f->forward, f->token_first * H, 1.0f);
+    return f->step_tokens;
+}
+
+static int route(struct moe_dist_rank *f, const float *x)
+{
+    const struct moe_dist_input *in = f->input;
     const struct moe_shape *s = &in->weights->shape;
     int64_t H = s->hidden, E = s->experts, K = s->top_k, n = f->tokens;
-    const float *x = in->tokens + f->token_first * H;
 
     moe_gate_logits(x, in->weights->gate, n, H, E, f->logits);
     moe_add_gate_bias(f->logits, in->weights->gate_bias, n, E);
-    moe_route(&in->weights->router, in->weights->score_bias, f->logits, n, E, K,
-              f->probs, f->ids, f->weights);
+    moe_route(&in->weights->router, f->bias, f->logits, n, E, K, f->probs, f->ids,
+              f->weights);
+    memset(f->stats, 0, (size_t)moe_router_stats_len(E) * sizeof(int64_t));
+    moe_router_stats_add(f->stats, f->logits, f->ids, n, E, K);
 
     /* Counting sort of the assignments by expert, stable in token order. */
     int64_t *next = calloc((size_t)E + 1, sizeof *next);
@@ -212,17 +322,218 @@ static int route(struct moe_dist_rank *f, const struct moe_dist_input *in)
         f->counts[f->ids[i]]++;
     for (int64_t e = 1; e < E; e++)
         next[e] = next[e - 1] + f->counts[e - 1];
-    for (int64_t i = 0; i < n * K; i++) {
-        int64_t row = next[f->ids[i]]++;
-        f->order[row] = i;
-        memcpy(f->send_rows + row * H, x + (i / K) * H, (size_t)H * sizeof(float));
-    }
+    for (int64_t i = 0; i < n * K; i++)
+        f->order[next[f->ids[i]]++] = i;
     free(next);
     return 0;
 }
 
+/* Rows source `src` sends to this rank's experts, by kept_counts. */
+static int64_t rows_from(const struct moe_dist_rank *f, int64_t E, int src)
+{
+    int64_t rows = 0;
+    for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++)
+        rows += f->kept_counts[src * E + e];
+    return rows;
+}
+
+/* Rows expert e keeps from all sources. */
+static int64_t rows_of_expert(const struct moe_dist_rank *f, int64_t E, int64_t e)
+{
+    int64_t rows = 0;
+    for (int src = 0; src < f->comm->ranks; src++)
+        rows += f->kept_counts[src * E + e];
+    return rows;
+}
+
+/* Position policy: every rank knows where its rows stand in each expert's
+ * global token order, so it keeps the first `limit` without asking. Fills
+ * kept_counts for every (source, expert) and keep[] for this rank's send
+ * rows. */
+static void keep_by_position(struct moe_dist_rank *f, int64_t E, int64_t limit)
+{
+    int R = f->comm->ranks, me = f->comm->rank;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t before = 0;
+        for (int src = 0; src < R; src++) {
+            int64_t c = f->all_counts[src * E + e];
+            int64_t room = limit < 0 ? c : limit - before;
+            f->kept_counts[src * E + e] = room < 0 ? 0 : room < c ? room : c;
+            before += c;
+        }
+    }
+    int64_t row = 0;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t j = 0; j < f->counts[e]; j++)
+            f->keep[row++] = j < f->kept_counts[me * E + e];
+}
+
+/* Probs policy: the owner of each expert sees every routing weight sent to
+ * it and decides; see the comment at the top. */
+static int keep_by_probs(struct moe_dist_rank *f, int64_t E)
+{
+    struct moe_comm *comm = f->comm;
+    const struct moe_capacity *cap = &f->input->weights->capacity;
+    int R = comm->ranks, me = comm->rank;
+    int64_t K = f->input->weights->shape.top_k, n = f->tokens * K;
+    uint64_t *send_bytes = f->table, *send_offsets = f->table + R,
+             *recv_bytes = f->table + 2 * R, *recv_offsets = f->table + 3 * R;
+
+    /* Byte tables for one 4-byte weight per routed assignment. */
+    int64_t sent = 0, received = 0;
+    for (int d = 0; d < R; d++) {
+        int64_t first, count, rows = 0;
+        moe_block_range(E, R, d, &first, &count);
+        for (int64_t e = first; e < first + count; e++)
+            rows += f->counts[e];
+        send_offsets[d] = (uint64_t)sent * sizeof(float);
+        send_bytes[d] = (uint64_t)rows * sizeof(float);
+        sent += rows;
+        int64_t incoming = 0;
+        for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++)
+            incoming += f->all_counts[d * E + e];
+        recv_offsets[d] = (uint64_t)received * sizeof(float);
+        recv_bytes[d] = (uint64_t)incoming * sizeof(float);
+        received += incoming;
+    }
+    float *send_weights = malloc((size_t)(n + 1) * sizeof(float));
+    float *recv_weights = malloc((size_t)(received + 1) * sizeof(float));
+    float *list = malloc((size_t)(received + 1) * sizeof(float));
+    uint8_t *list_keep = malloc((size_t)received + 1);
+    uint8_t *recv_keep = malloc((size_t)received + 1);
+    int64_t *start = malloc((size_t)(R + 1) * sizeof(int64_t));
+    int rc = 0;
+    if (!send_weights || !recv_weights || !list || !list_keep || !recv_keep || !start) {
+        rc = moe_fail(-ENOMEM, "rank %d: out of memory for the capacity rule", me);
+        goto out;
+    }
+    for (int64_t i = 0; i < n; i++)
+        send_weights[i] = f->weights[f->order[i]];
+    uint64_t before = comm->bytes_sent[comm->step];
+    rc = moe_alltoallv(comm, send_weights, send_bytes, send_offsets, recv_weights,
+                       recv_bytes, recv_offsets);
+    if (rc)
+        goto out;
+
+    /* For each owned expert, its list in global token order: sources in
+     * rank order, each source's rows for the expert in token order. */
+    for (int src = 0; src < R; src++)
+        start[src] = (int64_t)(recv_offsets[src] / sizeof(float));
+    for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++) {
+        int64_t m = 0;
+        for (int src = 0; src < R; src++) {
+            memcpy(list + m, recv_weights + start[src],
+                   (size_t)f->all_counts[src * E + e] * sizeof(float));
+            m += f->all_counts[src * E + e];
+        }
+        if (moe_capacity_keep(cap, m, list, list_keep) < 0) {
+            rc = moe_fail(-ENOMEM, "rank %d: out of memory for the capacity rule", me);
+            goto out;
+        }
+        m = 0;
+        for (int src = 0; src < R; src++) {
+            int64_t c = f->all_counts[src * E + e], kept = 0;
+            memcpy(recv_keep + start[src], list_keep + m, (size_t)c);
+            for (int64_t j = 0; j < c; j++)
+                kept += list_keep[m + j];
+            f->kept_counts[src * E + e] = kept;
+            start[src] += c;
+            m += c;
+        }
+    }
+
+    /* Return the flags: the same tables at one byte per assignment. */
+    for (int d = 0; d < R; d++) {
+        send_offsets[d] /= sizeof(float);
+        send_bytes[d] /= sizeof(float);
+        recv_offsets[d] /= sizeof(float);
+        recv_bytes[d] /= sizeof(float);
+    }
+    rc = moe_alltoallv(comm, recv_keep, recv_bytes, recv_offsets, f->keep,
+                       send_bytes, send_offsets);
+    f->report->capacity_bytes += comm->bytes_sent[comm->step] - before;
+    if (rc)
+        goto out;
+    int64_t row = 0;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t kept = 0;
+        for (int64_t j = 0; j < f->counts[e]; j++)
+            kept += f->keep[row++] != 0;
+        f->kept_counts[me * E + e] = kept;
+    }
+out:
+    free(send_weights);
+    free(recv_weights);
+    free(list);
+    free(list_keep);
+    free(recv_keep);
+    free(start);
+    return rc;
+}
+
+/* Decides the survivors, then writes this rank's share of the drops into
+ * the run area. */
+static int apply_capacity(struct moe_dist_rank *f, void *area)
+{
+    const struct moe_weights *w = f->input->weights;
+    struct moe_run_area *a = area;
+    int64_t E = w->shape.experts, K = w->shape.top_k, n = f->tokens * K;
+    int R = f->comm->ranks, me = f->comm->rank;
+    int rc = 0;
+    if (w->capacity.limit >= 0 && w->capacity.policy == MOE_DROP_PROBS)
+        rc = keep_by_probs(f, E);
+    else
+        keep_by_position(f, E, w->capacity.limit);
+    if (rc)
+        return rc;
+
+    int64_t slot_of_step = f->forward < a->steps ? f->forward : a->steps - 1;
+    int64_t *dropped = (int64_t *)moe_run_area_at(area, a->dropped_offset) +
+                       slot_of_step * E;
+    int64_t *kept_counts = moe_run_area_at(area, a->kept_counts_offset);
+    for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++) {
+        int64_t routed = 0, kept = 0;
+        for (int src = 0; src < R; src++) {
+            routed += f->all_counts[src * E + e];
+            kept += f->kept_counts[src * E + e];
+            kept_counts[src * E + e] = f->kept_counts[src * E + e];
+        }
+        dropped[e] = routed - kept;
+    }
+    uint8_t *kept_flags = (uint8_t *)moe_run_area_at(area, a->kept_offset) +
+                          f->token_first * K;
+    for (int64_t i = 0; i < n; i++)
+        kept_flags[f->order[i]] = f->keep[i];
+    /* Each dropped row would have gone out in dispatch and come back in
+     * combine; count only rows that would have crossed to a peer. */
+    uint64_t row_bytes = (uint64_t)w->shape.hidden * sizeof(float);
+    int64_t row = 0;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t j = 0; j < f->counts[e]; j++, row++)
+            if (!f->keep[row] && moe_expert_owner(E, R, e) != me)
+                f->report->saved_bytes += 2 * row_bytes;
+    return 0;
+}
+
+/* Packs the kept rows into the send buffer in (expert, token) order, and
+ * the slot of each into order[]. Returns the row count. */
+static int64_t pack_kept_rows(struct moe_dist_rank *f, const float *x)
+{
+    int64_t H = f->input->weights->shape.hidden, K = f->input->weights->shape.top_k;
+    int64_t n = f->tokens * K, out = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (!f->keep[i])
+            continue;
+        int64_t slot = f->order[i];
+        f->order[out] = slot;
+        memcpy(f->send_rows + out * H, x + (slot / K) * H, (size_t)H * sizeof(float));
+        out++;
+    }
+    return out;
+}
+
 /* Moves rows between the source-major receive buffer and the expert-major
- * expert buffer, in either direction, using the exchanged counts. For each
+ * expert buffer, in either direction, using the kept counts. For each
  * owned expert e and each source s, C[s][e] rows sit in the receive buffer
  * after s's rows for lower experts, and in the expert buffer after the rows
  * of lower sources for e. */
@@ -237,8 +548,8 @@ static void reorder_rows(const struct moe_dist_rank *f, int64_t E, int64_t H,
         for (int src = 0; src < R; src++) {
             int64_t within = 0;
             for (int64_t lower = f->expert_first; lower < e; lower++)
-                within += f->all_counts[src * E + lower];
-            int64_t count = f->all_counts[src * E + e];
+                within += f->kept_counts[src * E + lower];
+            int64_t count = f->kept_counts[src * E + e];
             float *by_source = source_major + ((int64_t)recv_first_row[src] + within) * H;
             float *by_expert = expert_major + row * H;
             if (to_expert_major)
@@ -248,15 +559,6 @@ static void reorder_rows(const struct moe_dist_rank *f, int64_t E, int64_t H,
             row += count;
         }
     }
-}
-
-/* Rows that source `src` sends to this rank, over all of its experts. */
-static int64_t rows_from(const struct moe_dist_rank *f, int64_t E, int src)
-{
-    int64_t rows = 0;
-    for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++)
-        rows += f->all_counts[src * E + e];
-    return rows;
 }
 
 /* Makes sure the buffers sized by the rows received hold `rows` rows,
@@ -300,10 +602,12 @@ int moe_dist_rank_new(struct moe_comm *comm, const struct moe_dist_input *in,
     struct moe_run_area *run = moe_segment_app(comm->segment);
 
     *out = NULL;
+    struct moe_run_area_spec spec = {.dump = (int)run->dump, .steps = run->steps,
+                                     .trace = run->trace_capacity > 0};
     if (comm->segment->app_bytes < sizeof *run || run->magic != MOE_RUN_AREA_MAGIC ||
         run->ranks != R || memcmp(&run->shape, s, sizeof *s) != 0 ||
-        (run->dump != 0 && run->dump != 1) ||
-        run->area_bytes != moe_run_area_bytes(s, R, (int)run->dump) ||
+        (run->dump != 0 && run->dump != 1) || run->steps < 1 ||
+        run->area_bytes != moe_run_area_bytes(s, R, &spec) ||
         run->area_bytes > comm->segment->app_bytes)
         return moe_fail(-EPROTO, "rank %d: the run area does not match this "
                         "layer's shape", me);
@@ -315,6 +619,14 @@ int moe_dist_rank_new(struct moe_comm *comm, const struct moe_dist_input *in,
     f->comm = comm;
     f->input = in;
     f->slot = moe_segment_slot(comm->segment, me);
+    f->report = moe_run_area_report(run, me);
+    if (run->trace_capacity > 0) {
+        f->trace = (struct moe_trace_event *)moe_run_area_at(run, run->trace_offset) +
+                   (int64_t)me * run->trace_capacity;
+        f->trace_capacity = run->trace_capacity;
+        comm->on_wait = record_wait;
+        comm->on_wait_arg = f;
+    }
     moe_block_range(s->tokens, R, me, &f->token_first, &f->tokens);
     moe_block_range(E, R, me, &f->expert_first, &f->experts);
     int64_t n = f->tokens;
@@ -325,21 +637,33 @@ int moe_dist_rank_new(struct moe_comm *comm, const struct moe_dist_input *in,
     f->weights = malloc((size_t)(n * K + 1) * sizeof(float));
     f->counts = calloc((size_t)E, sizeof(int64_t));
     f->all_counts = calloc((size_t)(R * E), sizeof(int64_t));
+    f->kept_counts = calloc((size_t)(R * E), sizeof(int64_t));
+    f->stats = calloc((size_t)moe_router_stats_len(E), sizeof(int64_t));
     f->order = malloc((size_t)(n * K + 1) * sizeof(int64_t));
+    f->keep = malloc((size_t)(n * K + 1));
     f->send_rows = moe_alloc_large((size_t)(n * K * s->hidden + 1) * sizeof(float));
     f->slot_rows = malloc((size_t)(n * K + 1) * sizeof(*f->slot_rows));
     f->table = calloc(5 * (size_t)R, sizeof(uint64_t));
+    int failed = !f->logits || !f->probs || !f->ids || !f->weights || !f->counts ||
+                 !f->all_counts || !f->kept_counts || !f->stats || !f->order ||
+                 !f->keep || !f->send_rows || !f->slot_rows || !f->table;
+    if (run->steps > 1 && in->draw_tokens) {
+        f->step_tokens = moe_alloc_large((size_t)(n * s->hidden + 1) * sizeof(float));
+        failed = failed || !f->step_tokens;
+    }
+    if (in->weights->score_bias || in->bias_update_rate > 0.0f) {
+        f->bias = calloc((size_t)E, sizeof(float));
+        failed = failed || !f->bias;
+        if (f->bias && in->weights->score_bias)
+            memcpy(f->bias, in->weights->score_bias, (size_t)E * sizeof(float));
+    }
     if (s->shared_ffn > 0) {
         f->shared_scratch = moe_alloc_large(
             (size_t)moe_shared_scratch_floats(s->hidden, s->shared_ffn) * sizeof(float));
         f->shared_out = moe_alloc_large((size_t)(n * s->hidden + 1) * sizeof(float));
-        if (!f->shared_scratch || !f->shared_out) {
-            moe_dist_rank_free(f);
-            return moe_fail(-ENOMEM, "rank %d: out of memory for the shared expert", me);
-        }
+        failed = failed || !f->shared_scratch || !f->shared_out;
     }
-    if (!f->logits || !f->probs || !f->ids || !f->weights || !f->counts ||
-        !f->all_counts || !f->order || !f->send_rows || !f->slot_rows || !f->table) {
+    if (failed) {
         moe_dist_rank_free(f);
         return moe_fail(-ENOMEM, "rank %d: out of memory for %" PRId64 " tokens",
                         me, n);
@@ -352,13 +676,22 @@ void moe_dist_rank_free(struct moe_dist_rank *f)
 {
     if (!f)
         return;
+    if (f->comm->on_wait_arg == f) {
+        f->comm->on_wait = NULL;
+        f->comm->on_wait_arg = NULL;
+    }
+    free(f->step_tokens);
+    free(f->bias);
     free(f->logits);
     free(f->probs);
     free(f->ids);
     free(f->weights);
     free(f->counts);
     free(f->all_counts);
+    free(f->kept_counts);
+    free(f->stats);
     free(f->order);
+    free(f->keep);
     free(f->send_rows);
     free(f->recv_rows);
     free(f->expert_in);
@@ -369,15 +702,6 @@ void moe_dist_rank_free(struct moe_dist_rank *f)
     free(f->slot_rows);
     free(f->table);
     free(f);
-}
-
-/* Rows expert e receives from all sources. */
-static int64_t rows_of_expert(const struct moe_dist_rank *f, int64_t E, int64_t e)
-{
-    int64_t rows = 0;
-    for (int src = 0; src < f->comm->ranks; src++)
-        rows += f->all_counts[src * E + e];
-    return rows;
 }
 
 /* Copies this rank's routing results into the dump stages of the run
@@ -398,33 +722,32 @@ static void dump_route(const struct moe_dist_rank *f, void *area)
 }
 
 /* Copies the rows this rank received, in receive order, into the dump.
- * Ranks store theirs one after another in rank order, so this rank's rows
- * start after everything the lower ranks received. */
+ * This rank's rows start after the rows the lower ranks' experts were
+ * routed, which every rank knows from the layout. */
 static void dump_received(const struct moe_dist_rank *f, void *area,
                           int64_t received_rows)
 {
     const struct moe_run_area *a = area;
     int64_t E = a->shape.experts, H = a->shape.hidden, before = 0;
-    for (int r = 0; r < f->comm->rank; r++) {
-        int64_t first, count;
-        moe_block_range(E, f->comm->ranks, r, &first, &count);
-        for (int src = 0; src < f->comm->ranks; src++)
-            for (int64_t e = first; e < first + count; e++)
-                before += f->all_counts[src * E + e];
-    }
+    int64_t first, count;
+    moe_block_range(E, f->comm->ranks, f->comm->rank, &first, &count);
+    for (int src = 0; src < f->comm->ranks; src++)
+        for (int64_t e = 0; e < first; e++)
+            before += f->all_counts[src * E + e];
     memcpy((float *)moe_run_area_at(area, a->recv_x_offset) + before * H, f->recv_rows,
            (size_t)(received_rows * H) * sizeof(float));
 }
 
-/* Copies the expert outputs that came home, by (token, slot), and the
- * shared expert rows into the dump. */
-static void dump_combine(const struct moe_dist_rank *f, void *area)
+/* Copies the expert outputs that came home, by (token, slot), zero for a
+ * dropped slot, and the shared expert rows into the dump. */
+static void dump_combine(const struct moe_dist_rank *f, void *area, int64_t kept_rows)
 {
     const struct moe_run_area *a = area;
     int64_t H = a->shape.hidden, K = a->shape.top_k, n = f->tokens;
     float *expert_out = (float *)moe_run_area_at(area, a->expert_out_offset) +
                         f->token_first * K * H;
-    for (int64_t i = 0; i < n * K; i++)
+    memset(expert_out, 0, (size_t)(n * K * H) * sizeof(float));
+    for (int64_t i = 0; i < kept_rows; i++)
         memcpy(expert_out + f->order[i] * H, f->send_rows + i * H,
                (size_t)H * sizeof(float));
     if (f->shared_out)
@@ -441,39 +764,50 @@ int moe_dist_forward(struct moe_dist_rank *f)
     int R = comm->ranks, me = comm->rank;
     uint64_t row_bytes = (uint64_t)H * sizeof(float);
     void *area = moe_segment_app(comm->segment);
+    struct moe_run_area *run = area;
     uint64_t *send_bytes = f->table, *send_offsets = f->table + R,
              *recv_bytes = f->table + 2 * R, *recv_offsets = f->table + 3 * R,
              *recv_first_row = f->table + 4 * R;
+    int64_t stats_len = moe_router_stats_len(E);
     int rc;
 
     /* Route. */
     begin_step(f, MOE_STEP_ROUTE);
-    rc = route(f, in);
+    const float *x = forward_tokens(f);
+    rc = route(f, x);
     end_step(f, MOE_STEP_ROUTE);
     if (rc)
         return rc;
-    struct moe_run_area *run = area;
     if (run->dump)
         dump_route(f, area);
 
-    /* Layout exchange. */
+    /* Layout exchange, the router stats, and the capacity decision. */
     begin_step(f, MOE_STEP_LAYOUT);
     rc = moe_allgather(comm, f->counts, (uint64_t)E * sizeof(int64_t), f->all_counts);
     if (rc == 0)
         rc = validate_layout(f, s);
+    if (rc == 0)
+        rc = moe_allreduce_i64(comm, f->stats, stats_len);
+    if (rc == 0)
+        rc = apply_capacity(f, area);
     end_step(f, MOE_STEP_LAYOUT);
     if (rc)
         return rc;
+    int64_t slot_of_step = f->forward < run->steps ? f->forward : run->steps - 1;
+    if (me == 0)
+        memcpy((int64_t *)moe_run_area_at(area, run->stats_offset) + slot_of_step * stats_len,
+               f->stats, (size_t)stats_len * sizeof(int64_t));
     memcpy(moe_run_area_counts(area) + me * E, f->counts, (size_t)E * sizeof(int64_t));
 
     /* Dispatch: the send block for rank d covers the experts d owns. */
     begin_step(f, MOE_STEP_DISPATCH);
+    int64_t kept_rows = pack_kept_rows(f, x);
     int64_t sent_rows = 0, received_rows = 0, max_rows = 0;
     for (int d = 0; d < R; d++) {
         int64_t first, count, rows = 0;
         moe_block_range(E, R, d, &first, &count);
         for (int64_t e = first; e < first + count; e++)
-            rows += f->counts[e];
+            rows += f->kept_counts[me * E + e];
         send_offsets[d] = (uint64_t)sent_rows * row_bytes;
         send_bytes[d] = (uint64_t)rows * row_bytes;
         sent_rows += rows;
@@ -487,6 +821,7 @@ int moe_dist_forward(struct moe_dist_rank *f)
     for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++)
         if (rows_of_expert(f, E, e) > max_rows)
             max_rows = rows_of_expert(f, E, e);
+    f->report->received_rows = received_rows;
     rc = reserve_received(f, received_rows, max_rows);
     if (rc == 0)
         rc = moe_alltoallv(comm, f->send_rows, send_bytes, send_offsets, f->recv_rows,
@@ -499,7 +834,7 @@ int moe_dist_forward(struct moe_dist_rank *f)
     if (rc)
         return rc;
 
-    /* Compute: one call per owned expert over all of its rows. */
+    /* Compute: one call per owned expert over all of its kept rows. */
     begin_step(f, MOE_STEP_COMPUTE);
     int64_t expert_row = 0;
     for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++) {
@@ -508,8 +843,8 @@ int moe_dist_forward(struct moe_dist_rank *f)
                        f->scratch, f->expert_out + expert_row * H);
         expert_row += rows;
     }
-    moe_shared_expert_forward(in->weights, in->tokens + f->token_first * H,
-                              f->token_first, n, f->shared_scratch, f->shared_out);
+    moe_shared_expert_forward(in->weights, x, f->token_first, n, f->shared_scratch,
+                              f->shared_out);
     end_step(f, MOE_STEP_COMPUTE);
 
     /* Combine: put the outputs back in source-major order, send them home
@@ -520,15 +855,21 @@ int moe_dist_forward(struct moe_dist_rank *f)
                        send_bytes, send_offsets);
     if (rc == 0) {
         for (int64_t i = 0; i < n * K; i++)
+            f->slot_rows[i] = NULL; /* a dropped slot adds nothing */
+        for (int64_t i = 0; i < kept_rows; i++)
             f->slot_rows[f->order[i]] = f->send_rows + i * H;
         float *out = moe_run_area_output(area) + f->token_first * H;
         moe_combine(n, H, K, f->weights, f->slot_rows, out);
         if (f->shared_out)
             moe_add_shared(out, f->shared_out, n, H);
         if (run->dump)
-            dump_combine(f, area);
+            dump_combine(f, area, kept_rows);
     }
     end_step(f, MOE_STEP_COMBINE);
+    f->report->allreduce_bytes = comm->allreduce_bytes;
+    if (rc == 0 && f->bias && in->bias_update_rate > 0.0f)
+        moe_selection_bias_update(f->bias, f->stats, E, K, in->bias_update_rate);
+    f->forward++;
     return rc;
 }
 
@@ -538,7 +879,9 @@ int moe_dist_rank_main(struct moe_comm *comm, void *arg)
     int rc = moe_dist_rank_new(comm, arg, &rank);
     if (rc)
         return rc;
-    rc = moe_dist_forward(rank);
+    const struct moe_run_area *run = moe_segment_app(comm->segment);
+    for (int64_t i = 0; i < run->steps && rc == 0; i++)
+        rc = moe_dist_forward(rank);
     moe_dist_rank_free(rank);
     return rc;
 }

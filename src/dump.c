@@ -60,7 +60,8 @@ int64_t moe_stage_count(const struct moe_shape *s, enum moe_stage stage)
  * order. Fills src_idx and expert (each with room for T * K entries) and
  * returns the row count. */
 static int64_t received_rows(const struct moe_shape *s, int ranks, int rank,
-                             const int32_t *ids, int32_t *src_idx, int32_t *expert)
+                             const int32_t *ids, const uint8_t *kept,
+                             int32_t *src_idx, int32_t *expert)
 {
     int64_t expert_first, experts, rows = 0;
     moe_block_range(s->experts, ranks, rank, &expert_first, &experts);
@@ -70,7 +71,7 @@ static int64_t received_rows(const struct moe_shape *s, int ranks, int rank,
         for (int64_t e = expert_first; e < expert_first + experts; e++)
             for (int64_t t = token_first; t < token_first + tokens; t++)
                 for (int64_t k = 0; k < s->top_k; k++)
-                    if (ids[t * s->top_k + k] == e) {
+                    if (ids[t * s->top_k + k] == e && (!kept || kept[t * s->top_k + k])) {
                         src_idx[rows] = (int32_t)t;
                         expert[rows] = (int32_t)e;
                         rows++;
@@ -98,8 +99,8 @@ void moe_dump_check(struct moe_run_result *r, const struct moe_golden_info *g,
     int32_t *expert = malloc((size_t)(rows_all + 1) * sizeof(int32_t));
     if (expected && src_idx && expert && g->expert_ids) {
         for (int rank = 0; rank < r->options.ranks; rank++) {
-            int64_t n = received_rows(s, r->options.ranks, rank, g->expert_ids, src_idx,
-                                      expert);
+            int64_t n = received_rows(s, r->options.ranks, rank, g->expert_ids, g->kept,
+                                      src_idx, expert);
             for (int64_t i = 0; i < n; i++)
                 memcpy(expected + (at + i) * H, tokens + (int64_t)src_idx[i] * H,
                        (size_t)H * sizeof(float));
@@ -282,7 +283,7 @@ static int write_received(const char *dir, const struct moe_run_result *r)
     }
     for (int rank = 0; rank < r->options.ranks && rc == 0; rank++) {
         int64_t n = received_rows(s, r->options.ranks, rank, r->stage[MOE_STAGE_IDS],
-                                  src_idx, expert);
+                                  r->kept, src_idx, expert);
         int64_t shape[2] = {n, s->hidden};
         char name[64];
         snprintf(name, sizeof name, "rank%d_recv_src_idx", rank);
@@ -318,6 +319,7 @@ int moe_dump_write(const char *dir, const struct moe_run_result *r, const float 
         (rc = write_array(dir, "topk_ids", MOE_NPY_I32, 2, tk, r->stage[MOE_STAGE_IDS])) ||
         (rc = write_array(dir, "topk_weights", MOE_NPY_F32, 2, tk,
                           r->stage[MOE_STAGE_WEIGHTS])) ||
+        (rc = write_array(dir, "topk_kept", MOE_NPY_BOOL, 2, tk, r->kept)) ||
         (rc = write_layout(dir, r)) || (rc = write_received(dir, r)) ||
         (rc = write_array(dir, "expert_out", MOE_NPY_F32, 3, tkh,
                           r->stage[MOE_STAGE_EXPERT_OUT])))

@@ -78,7 +78,8 @@ static int command_run(int argc, char **argv)
     }
 
     moe_run_print_report(stdout, &result);
-    int status = result.check.equal && result.stage_mismatch < 0 ? 0 : EXIT_MISMATCH;
+    int status = result.check.equal && result.stage_mismatch < 0 && result.kept_equal &&
+                 result.routing_mismatch_step < 0 ? 0 : EXIT_MISMATCH;
     moe_run_result_free(&result);
     return status;
 }

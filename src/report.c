@@ -3,28 +3,18 @@
  *
  * Prints to the stream it is given and touches no other state.
  */
+#include "moe_aux.h"
 #include "moe_dump.h"
 #include "moe_run.h"
 
 #include <inttypes.h>
+#include <math.h>
 #include <string.h>
 #include <unistd.h>
 
 static double ms(uint64_t ns)
 {
     return (double)ns / 1e6;
-}
-
-/* Returns max/mean of values[0..count), the imbalance figure. */
-static double imbalance(const int64_t *values, int64_t count)
-{
-    int64_t max = 0, sum = 0;
-    for (int64_t i = 0; i < count; i++) {
-        sum += values[i];
-        if (values[i] > max)
-            max = values[i];
-    }
-    return sum == 0 ? 0.0 : (double)max * (double)count / (double)sum;
 }
 
 static void print_layer(FILE *out, const struct moe_run_result *r)
@@ -68,27 +58,63 @@ static void print_stage_checks(FILE *out, const struct moe_run_result *r)
         fprintf(out, "  first stage that differs: %s\n", moe_stage_name(r->stage_mismatch));
 }
 
+/* Width of the longest bar in the tokens-per-expert chart. */
+enum { BAR_WIDTH = 40 };
+
+/* Prints one expert's bar: '#' for kept assignments, 'x' for dropped
+ * ones, scaled so that the busiest expert fills BAR_WIDTH. */
+static void print_bar(FILE *out, int64_t kept, int64_t dropped, int64_t max)
+{
+    int kept_chars = max ? (int)((kept * BAR_WIDTH + max - 1) / max) : 0;
+    int total_chars = max ? (int)(((kept + dropped) * BAR_WIDTH + max - 1) / max) : 0;
+    for (int i = 0; i < total_chars; i++)
+        fputc(i < kept_chars ? '#' : 'x', out);
+}
+
 static void print_routing(FILE *out, const struct moe_run_result *r)
 {
     const struct moe_shape *s = &r->options.shape;
     int R = r->options.ranks;
-    int64_t E = s->experts;
-    int64_t per_expert[4096] = {0};
+    int64_t E = s->experts, last = r->options.steps - 1;
+    const int64_t *routed = r->stats + last * r->stats_len + 1;
+    const int64_t *dropped = r->dropped + last * E;
     int64_t per_rank[MOE_MAX_RANKS] = {0};
+    int64_t max = 0, total_dropped = 0;
 
-    for (int src = 0; src < R; src++)
-        for (int64_t e = 0; e < E; e++)
-            per_expert[e] += r->counts[src * E + e];
-    for (int64_t e = 0; e < E; e++)
-        per_rank[moe_expert_owner(E, R, e)] += per_expert[e];
+    for (int64_t e = 0; e < E; e++) {
+        per_rank[moe_expert_owner(E, R, e)] += routed[e] - dropped[e];
+        total_dropped += dropped[e];
+        if (routed[e] > max)
+            max = routed[e];
+    }
 
-    fprintf(out, "\ntokens per expert (rows each expert computes):\n");
-    fprintf(out, "  expert  rank     rows\n");
-    for (int64_t e = 0; e < E; e++)
-        fprintf(out, "  %6" PRId64 "  %4d  %7" PRId64 "\n", e,
-                moe_expert_owner(E, R, e), per_expert[e]);
-    fprintf(out, "  imbalance (max/mean over experts): %.3f\n",
-            imbalance(per_expert, E));
+    if (r->capacity.limit >= 0)
+        fprintf(out, "  capacity: %" PRId64 " assignments per expert, %s policy\n",
+                r->capacity.limit,
+                r->capacity.policy == MOE_DROP_PROBS ? "probs" : "position");
+    fprintf(out, "\ntokens per expert%s ('#' computed, 'x' dropped):\n",
+            r->options.steps > 1 ? " in the last forward" : "");
+    fprintf(out, "  expert  rank   routed  dropped\n");
+    /* Past 64 experts, show the busiest and the idlest few. */
+    int64_t shown = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (E > 64 && e >= 16 && e < E - 8) {
+            if (e == 16)
+                fprintf(out, "  ... %" PRId64 " experts not shown; --stats has all\n",
+                        E - 24);
+            continue;
+        }
+        fprintf(out, "  %6" PRId64 "  %4d  %7" PRId64 "  %7" PRId64 "  ", e,
+                moe_expert_owner(E, R, e), routed[e], dropped[e]);
+        print_bar(out, routed[e] - dropped[e], dropped[e], max);
+        fprintf(out, "\n");
+        shown++;
+    }
+    fprintf(out, "  imbalance (max/mean over experts): %.3f", moe_run_imbalance(routed, E));
+    if (r->capacity.limit >= 0)
+        fprintf(out, "; dropped %" PRId64 " of %" PRId64 " assignments", total_dropped,
+                s->tokens * s->top_k);
+    fprintf(out, "\n");
 
     fprintf(out, "\ntokens per rank:\n");
     fprintf(out, "  rank   tokens  experts  rows computed\n");
@@ -100,7 +126,7 @@ static void print_routing(FILE *out, const struct moe_run_result *r)
                 tokens, experts, per_rank[rank]);
     }
     fprintf(out, "  imbalance (max/mean rows computed over ranks): %.3f\n",
-            imbalance(per_rank, R));
+            moe_run_imbalance(per_rank, R));
 }
 
 static void print_traffic(FILE *out, const struct moe_run_result *r)
@@ -109,28 +135,89 @@ static void print_traffic(FILE *out, const struct moe_run_result *r)
     int R = r->options.ranks;
     int64_t E = s->experts;
     uint64_t row_bytes = (uint64_t)s->hidden * sizeof(float);
-    uint64_t crossing = 0;
+    uint64_t crossing = 0, allreduce = 0, capacity = 0, saved = 0, layout = 0;
 
-    fprintf(out, "\nall-to-all traffic (rows sent from rank i to rank j in "
-            "dispatch; combine returns the same rows):\n  %6s", "i \\ j");
+    fprintf(out, "\nall-to-all traffic, rows sent from rank i to rank j in dispatch "
+            "(combine returns the same rows), and bytes:\n  %6s", "i \\ j");
     for (int j = 0; j < R; j++)
         fprintf(out, " %7d", j);
-    fprintf(out, "\n");
+    fprintf(out, "  | bytes to each j\n");
     for (int i = 0; i < R; i++) {
+        int64_t rows[MOE_MAX_RANKS] = {0};
         fprintf(out, "  %6d", i);
         for (int j = 0; j < R; j++) {
-            int64_t first, count, rows = 0;
+            int64_t first, count;
             moe_block_range(E, R, j, &first, &count);
             for (int64_t e = first; e < first + count; e++)
-                rows += r->counts[i * E + e];
+                rows[j] += r->kept_counts[i * E + e];
             if (i != j)
-                crossing += (uint64_t)rows * row_bytes;
-            fprintf(out, " %7" PRId64, rows);
+                crossing += (uint64_t)rows[j] * row_bytes;
+            fprintf(out, " %7" PRId64, rows[j]);
         }
+        fprintf(out, "  |");
+        for (int j = 0; j < R; j++)
+            fprintf(out, " %" PRIu64, (uint64_t)rows[j] * row_bytes);
         fprintf(out, "\n");
     }
-    fprintf(out, "  row payload bytes through the rings per direction: %" PRIu64
-            " (the diagonal is copied locally)\n", crossing);
+    for (int rank = 0; rank < R; rank++) {
+        allreduce += r->report[rank].allreduce_bytes;
+        capacity += r->report[rank].capacity_bytes;
+        saved += r->report[rank].saved_bytes;
+        layout += r->report[rank].bytes_sent[MOE_STEP_LAYOUT];
+    }
+    layout -= allreduce + capacity;
+    fprintf(out, "  bytes through the rings (the diagonal is copied locally)%s:\n",
+            r->options.steps > 1 ? ", last forward for the rows, all forwards for "
+            "the rest" : "");
+    fprintf(out, "    dispatch rows %" PRIu64 ", combine rows %" PRIu64 "\n", crossing,
+            crossing);
+    fprintf(out, "    layout all-gather %" PRIu64 ", router-stats all-reduce %" PRIu64,
+            layout, allreduce);
+    if (capacity)
+        fprintf(out, ", capacity weights and flags %" PRIu64, capacity);
+    fprintf(out, "\n");
+    if (r->capacity.limit >= 0)
+        fprintf(out, "    not sent because the rows were dropped first: %" PRIu64 "\n",
+                saved);
+}
+
+static void print_losses(FILE *out, const struct moe_run_result *r)
+{
+    struct moe_aux_losses l;
+    moe_run_aux_losses(r, r->options.steps - 1, &l);
+    fprintf(out, "\naux losses%s: load balance %.6g, router z-loss %.6g",
+            r->options.steps > 1 ? " of the last forward" : "", l.load_balance, l.z_loss);
+    if (!isnan(l.aux_loss_coef) || !isnan(l.z_loss_coef)) {
+        fprintf(out, "\n  scaled by the config:");
+        if (!isnan(l.aux_loss_coef))
+            fprintf(out, " load balance x %g = %.6g", l.aux_loss_coef, l.load_balance_scaled);
+        if (!isnan(l.z_loss_coef))
+            fprintf(out, "%s z-loss x %g = %.6g", isnan(l.aux_loss_coef) ? "" : ";",
+                    l.z_loss_coef, l.z_loss_scaled);
+    }
+    fprintf(out, "\n");
+}
+
+/* With --steps: one line per forward with its imbalance and drops. */
+static void print_forwards(FILE *out, const struct moe_run_result *r)
+{
+    int64_t E = r->options.shape.experts;
+    fprintf(out, "\nimbalance per forward (max/mean tokens per expert)%s:\n",
+            r->options.bias_update_rate > 0 ? ", with the selection bias updated "
+            "after each" : "");
+    for (int64_t step = 0; step < r->options.steps; step++) {
+        const int64_t *routed = r->stats + step * r->stats_len + 1;
+        int64_t dropped = 0;
+        for (int64_t e = 0; e < E; e++)
+            dropped += r->dropped[step * E + e];
+        struct moe_aux_losses l;
+        moe_run_aux_losses(r, step, &l);
+        fprintf(out, "  forward %3" PRId64 ": imbalance %.3f, load-balance loss %.4f",
+                step, moe_run_imbalance(routed, E), l.load_balance);
+        if (r->capacity.limit >= 0)
+            fprintf(out, ", dropped %" PRId64, dropped);
+        fprintf(out, "\n");
+    }
 }
 
 static void print_steps(FILE *out, const struct moe_run_result *r)
@@ -138,19 +225,22 @@ static void print_steps(FILE *out, const struct moe_run_result *r)
     static const int steps[] = {MOE_STEP_ROUTE, MOE_STEP_LAYOUT,
                                 MOE_STEP_DISPATCH, MOE_STEP_COMPUTE,
                                 MOE_STEP_COMBINE};
-    fprintf(out, "\nstep times per rank in ms (waiting on peers in brackets):\n");
-    fprintf(out, "  rank  %-17s %-17s %-17s %-17s %s\n", "route",
-            "layout exchange", "dispatch", "compute", "combine");
+    fprintf(out, "\nstep times per rank in ms (waiting on peers in brackets)%s:\n",
+            r->options.steps > 1 ? ", summed over all forwards" : "");
+    fprintf(out, "  rank  %-17s %-17s %-17s %-17s %-17s %s\n", "route",
+            "layout exchange", "dispatch", "compute", "combine", "total wait");
     for (int rank = 0; rank < r->options.ranks; rank++) {
         fprintf(out, "  %4d ", rank);
         for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
             char cell[32];
             snprintf(cell, sizeof cell, "%.3f (%.3f)", ms(r->step_ns[rank][steps[i]]),
                      ms(r->wait_ns[rank][steps[i]]));
-            int last = i + 1 == sizeof steps / sizeof steps[0];
-            fprintf(out, last ? " %s" : " %-17s", cell);
+            fprintf(out, " %-17s", cell);
         }
-        fprintf(out, "\n");
+        uint64_t wait = 0;
+        for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++)
+            wait += r->wait_ns[rank][steps[i]];
+        fprintf(out, " %.3f\n", ms(wait));
     }
     fprintf(out, "  forward on %d rank%s, launch to last exit: %.3f ms; golden "
             "path in one process: %.3f ms\n", r->options.ranks,
@@ -183,10 +273,18 @@ void moe_run_print_report(FILE *out, const struct moe_run_result *r)
     print_layer(out, r);
     print_routing(out, r);
     print_traffic(out, r);
+    print_losses(out, r);
+    if (o->steps > 1)
+        print_forwards(out, r);
     print_steps(out, r);
     if (o->dump_dir)
         print_stage_checks(out, r);
 
+    if (r->routing_mismatch_step >= 0)
+        fprintf(out, "\ngolden check: MISMATCH in the routing stats or drops of "
+                "forward %" PRId64 "\n", r->routing_mismatch_step);
+    if (!r->kept_equal)
+        fprintf(out, "\ngolden check: MISMATCH in which assignments were dropped\n");
     const struct moe_compare *c = &r->check;
     if (c->equal) {
         fprintf(out, "\ngolden check: bitwise equal (%" PRId64 " values)\n",

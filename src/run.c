@@ -10,6 +10,7 @@
  */
 #include "moe_run.h"
 #include "moe_args.h"
+#include "moe_aux.h"
 #include "moe_dist.h"
 #include "moe_dump.h"
 #include "moe_error.h"
@@ -30,6 +31,7 @@
 #define MAX_HIDDEN (1LL << 16)
 #define MAX_FFN (1LL << 18)
 #define MAX_EXPERTS 4096
+#define MAX_STEPS 100000
 
 void moe_run_options_default(struct moe_run_options *o)
 {
@@ -43,6 +45,9 @@ void moe_run_options_default(struct moe_run_options *o)
         .scoring = -1,
         .renormalize = -1,
         .scaling_factor = NAN,
+        .expert_capacity = -1,
+        .drop_policy = -1,
+        .steps = 1,
     };
 }
 
@@ -75,6 +80,24 @@ void moe_run_usage(FILE *out)
         "                    the model's norm_topk_prob]\n"
         "  --scaling-factor X  multiply the top-k weights by X [1, or the\n"
         "                    model's routed_scaling_factor]\n"
+        "  --capacity-factor CF  each expert keeps at most ceil(CF * T * K / E)\n"
+        "                    assignments; 0 means dropless [0, or the model's]\n"
+        "  --min-capacity N  lower bound of the capacity from --capacity-factor [0]\n"
+        "  --expert-capacity N  each expert keeps at most N assignments; 0 drops\n"
+        "                    them all [the model's expert_capacity, if any]\n"
+        "  --drop-policy P   which assignments an expert over capacity keeps:\n"
+        "                    position (the first in token order) or probs (the\n"
+        "                    highest routing weights) [position]\n"
+        "  --skew S          add -S * ln(e + 1) to the logits of expert e, so that\n"
+        "                    the gate favours low experts with Zipf exponent S [0]\n"
+        "  --steps N         run N forwards, each on a fresh batch drawn from the\n"
+        "                    seed (or the --input batch again) [1]\n"
+        "  --bias-update-rate G  after each forward, move each expert's selection\n"
+        "                    bias by G * sign(mean load - its load), as DeepSeek-V3\n"
+        "                    balances without an aux loss [0: off]\n"
+        "  --stats FILE      write the report's figures as JSON\n"
+        "  --trace FILE      write a Chrome trace (Perfetto, chrome://tracing) with a\n"
+        "                    track per rank, its steps and its waits on peers\n"
         "  --input FILE      .npy array (T, H) of tokens, float32, float16 or\n"
         "                    float64, used instead of random ones; sets T and H\n"
         "  --output FILE     write the layer output (T, H) as a float32 .npy file\n"
@@ -104,7 +127,9 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
         static const char *const known[] = {
             "--ranks", "--tokens", "--hidden", "--ffn", "--experts", "--top-k",
             "--seed", "--input", "--output", "--timeout", "--ring-size", "--model",
-            "--layer", "--dump", "--router", "--renormalize", "--scaling-factor", NULL,
+            "--layer", "--dump", "--router", "--renormalize", "--scaling-factor",
+            "--capacity-factor", "--min-capacity", "--expert-capacity", "--drop-policy",
+            "--skew", "--steps", "--bias-update-rate", "--stats", "--trace", NULL,
         };
         const char *text;
         if ((rc = moe_next_option("run", known, argc, argv, &i, &text)))
@@ -174,6 +199,38 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
         } else if (!strcmp(flag, "--scaling-factor")) {
             if ((rc = moe_parse_double(flag, text, 0.0, 1e6, &o->scaling_factor)))
                 return rc;
+        } else if (!strcmp(flag, "--capacity-factor")) {
+            if ((rc = moe_parse_double(flag, text, 0.0, 1e6, &o->capacity_factor)))
+                return rc;
+            o->capacity_factor_given = 1;
+        } else if (!strcmp(flag, "--min-capacity")) {
+            if ((rc = moe_parse_int64(flag, text, 0, INT64_C(1) << 40, &o->min_capacity)))
+                return rc;
+        } else if (!strcmp(flag, "--expert-capacity")) {
+            if ((rc = moe_parse_int64(flag, text, 0, INT64_C(1) << 40, &o->expert_capacity)))
+                return rc;
+        } else if (!strcmp(flag, "--drop-policy")) {
+            if (!strcmp(text, "position"))
+                o->drop_policy = MOE_DROP_POSITION;
+            else if (!strcmp(text, "probs"))
+                o->drop_policy = MOE_DROP_PROBS;
+            else
+                return moe_fail(-EINVAL, "invalid --drop-policy value '%s': expected "
+                                "position or probs", text);
+        } else if (!strcmp(flag, "--skew")) {
+            if ((rc = moe_parse_double(flag, text, 0.0, 100.0, &o->skew)))
+                return rc;
+        } else if (!strcmp(flag, "--steps")) {
+            if ((rc = moe_parse_int64(flag, text, 1, MAX_STEPS, &o->steps)))
+                return rc;
+        } else if (!strcmp(flag, "--bias-update-rate")) {
+            if ((rc = moe_parse_double(flag, text, 0.0, 1e3, &o->bias_update_rate)))
+                return rc;
+        } else if (!strcmp(flag, "--stats") || !strcmp(flag, "--trace")) {
+            if (!text[0])
+                return moe_fail(-EINVAL, "invalid %s value '': expected a file name",
+                                flag);
+            *(!strcmp(flag, "--stats") ? &o->stats_path : &o->trace_path) = text;
         } else if (!strcmp(flag, "--ring-size")) {
             if ((rc = moe_parse_bytes(flag, text, MOE_RING_MIN_CAPACITY, 1ULL << 30,
                                       &o->ring_bytes)))
@@ -193,6 +250,12 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
                         "used with --model: the model's config.json sets them");
     if (o->layer >= 0 && !o->model_dir)
         return moe_fail(-EINVAL, "--layer needs --model");
+    if (o->min_capacity > 0 && !o->capacity_factor_given)
+        return moe_fail(-EINVAL, "--min-capacity %" PRId64 " needs --capacity-factor",
+                        o->min_capacity);
+    if (o->expert_capacity >= 0 && o->capacity_factor_given)
+        return moe_fail(-EINVAL, "--expert-capacity and --capacity-factor cannot "
+                        "be used together: each sets the capacity");
     if (!o->model_dir && o->shape.top_k > o->shape.experts)
         return moe_fail(-EINVAL, "invalid --top-k value %" PRId64 ": it exceeds "
                         "--experts %" PRId64, o->shape.top_k, o->shape.experts);
@@ -377,6 +440,35 @@ static int apply_router_options(const struct moe_run_options *o, struct moe_weig
     return 0;
 }
 
+/* Applies --skew and the capacity options to the layer. A checkpoint's
+ * own capacity (Switch's expert_capacity) stays unless a flag sets one;
+ * --capacity-factor 0 sets dropless. */
+static int apply_layer_options(const struct moe_run_options *o, struct moe_weights *w)
+{
+    const struct moe_shape *s = &w->shape;
+    if (o->skew > 0.0) {
+        free(w->gate_bias);
+        w->gate_bias = malloc((size_t)s->experts * sizeof(float));
+        if (!w->gate_bias)
+            return moe_fail(-ENOMEM, "out of memory for the gate bias");
+        for (int64_t e = 0; e < s->experts; e++)
+            w->gate_bias[e] = (float)(-o->skew * log((double)(e + 1)));
+    }
+    if (o->expert_capacity >= 0)
+        w->capacity.limit = o->expert_capacity;
+    else if (o->capacity_factor_given)
+        w->capacity.limit = moe_capacity_from_factor(o->capacity_factor, o->min_capacity,
+                                                     s->tokens, s->top_k, s->experts);
+    if (o->drop_policy >= 0)
+        w->capacity.policy = (enum moe_drop_policy)o->drop_policy;
+    if (o->bias_update_rate > 0.0 && !w->score_bias) {
+        w->score_bias = calloc((size_t)s->experts, sizeof(float));
+        if (!w->score_bias)
+            return moe_fail(-ENOMEM, "out of memory for the selection bias");
+    }
+    return 0;
+}
+
 /* Builds a random layer and its tokens from the options. */
 static int build_random_layer(struct moe_run_result *result, float **tokens,
                               struct moe_weights *weights)
@@ -427,7 +519,9 @@ out:
     return rc;
 }
 
-/* Copies the stage arrays out of the run area before the segment goes. */
+/* Copies the stage arrays out of the run area before the segment goes.
+ * Each rank's received rows sit after the rows routed to the lower ranks'
+ * experts; with drops that leaves gaps, which the copy closes. */
 static int copy_stages(struct moe_run_result *result, void *area)
 {
     const struct moe_run_area *a = area;
@@ -445,9 +539,120 @@ static int copy_stages(struct moe_run_result *result, void *area)
         result->stage[i] = moe_alloc_large(bytes + 1);
         if (!result->stage[i])
             return moe_fail(-ENOMEM, "out of memory for the dumped stages");
-        memcpy(result->stage[i], moe_run_area_at(area, offsets[i]), bytes);
+        if (i != MOE_STAGE_RECV_X) {
+            memcpy(result->stage[i], moe_run_area_at(area, offsets[i]), bytes);
+            continue;
+        }
+        const float *from = moe_run_area_at(area, offsets[i]);
+        float *to = result->stage[i];
+        int R = (int)a->ranks;
+        int64_t H = s->hidden, E = s->experts, routed_before = 0, at = 0;
+        memset(to, 0, bytes);
+        for (int r = 0; r < R; r++) {
+            int64_t first, count, n = result->report[r].received_rows;
+            memcpy(to + at * H, from + routed_before * H, (size_t)(n * H) * sizeof(float));
+            at += n;
+            moe_block_range(E, R, r, &first, &count);
+            for (int src = 0; src < R; src++)
+                for (int64_t e = first; e < first + count; e++)
+                    routed_before += result->counts[src * E + e];
+        }
     }
     return 0;
+}
+
+/* Copies everything the report needs out of the run area. */
+static int copy_run_area(struct moe_run_result *result, void *area)
+{
+    const struct moe_run_area *a = area;
+    const struct moe_shape *s = &a->shape;
+    int64_t R = a->ranks, E = s->experts;
+    memcpy(result->output, moe_run_area_output(area),
+           (size_t)(s->tokens * s->hidden) * sizeof(float));
+    memcpy(result->counts, moe_run_area_counts(area), (size_t)(R * E) * sizeof(int64_t));
+    memcpy(result->kept_counts, moe_run_area_at(area, a->kept_counts_offset),
+           (size_t)(R * E) * sizeof(int64_t));
+    memcpy(result->kept, moe_run_area_at(area, a->kept_offset),
+           (size_t)(s->tokens * s->top_k));
+    memcpy(result->stats, moe_run_area_at(area, a->stats_offset),
+           (size_t)(a->steps * result->stats_len) * sizeof(int64_t));
+    memcpy(result->dropped, moe_run_area_at(area, a->dropped_offset),
+           (size_t)(a->steps * E) * sizeof(int64_t));
+    if (a->trace_capacity > 0) {
+        size_t bytes = (size_t)(R * a->trace_capacity) * sizeof(struct moe_trace_event);
+        result->trace = malloc(bytes);
+        if (!result->trace)
+            return moe_fail(-ENOMEM, "out of memory for the trace");
+        memcpy(result->trace, moe_run_area_at(area, a->trace_offset), bytes);
+        result->trace_capacity = a->trace_capacity;
+    }
+    return a->dump ? copy_stages(result, area) : 0;
+}
+
+/* Runs the golden path over every forward of the run, with its own copy
+ * of the selection bias moved by the same rule as the ranks', and checks
+ * each forward's routing stats and drops, then the last forward's output,
+ * drop flags and stages, bit for bit. */
+static int golden_steps(struct moe_run_result *result, const struct moe_weights *weights,
+                        const float *tokens)
+{
+    const struct moe_run_options *o = &result->options;
+    const struct moe_shape *s = &weights->shape;
+    int64_t T = s->tokens, H = s->hidden, E = s->experts, K = s->top_k;
+    int64_t len = result->stats_len;
+    struct moe_weights w = *weights;
+    float *bias = NULL, *batch = NULL;
+    int rc = 0;
+
+    result->routing_mismatch_step = -1;
+    if (weights->score_bias) {
+        bias = malloc((size_t)E * sizeof(float));
+        if (!bias)
+            return moe_fail(-ENOMEM, "golden path: out of memory for the bias");
+        memcpy(bias, weights->score_bias, (size_t)E * sizeof(float));
+    }
+    w.score_bias = bias;
+    if (o->steps > 1 && !o->input_path) {
+        batch = moe_alloc_large((size_t)(T * H) * sizeof(float));
+        if (!batch) {
+            free(bias);
+            return moe_fail(-ENOMEM, "golden path: out of memory for a batch");
+        }
+    }
+    for (int64_t step = 0; step < o->steps && rc == 0; step++) {
+        int last = step + 1 == o->steps;
+        const float *x = tokens;
+        if (step > 0 && batch) {
+            moe_fill_uniform(batch, T * H, o->seed, MOE_STREAM_TOKENS, (uint32_t)step, 0,
+                             1.0f);
+            x = batch;
+        }
+        struct moe_golden_info g = {.want_stages = last && o->dump_dir != NULL};
+        if ((rc = moe_golden_forward(&w, x, result->golden, &g)))
+            break;
+        if (result->routing_mismatch_step < 0 &&
+            (memcmp(g.router_stats, result->stats + step * len,
+                    (size_t)len * sizeof(int64_t)) != 0 ||
+             memcmp(g.dropped_per_expert, result->dropped + step * E,
+                    (size_t)E * sizeof(int64_t)) != 0))
+            result->routing_mismatch_step = step;
+        if (last) {
+            moe_compare_bits(result->output, result->golden, T * H, &result->check);
+            result->kept_equal = memcmp(g.kept, result->kept, (size_t)(T * K)) == 0;
+            if (o->dump_dir)
+                moe_dump_check(result, &g, x);
+        }
+        if (bias && o->bias_update_rate > 0.0)
+            moe_selection_bias_update(bias, g.router_stats, E, K,
+                                      (float)o->bias_update_rate);
+        moe_golden_info_free(&g);
+    }
+    free(bias);
+    if (batch && rc == 0 && o->steps > 1)
+        result->last_tokens = batch;
+    else
+        free(batch);
+    return rc;
 }
 
 int moe_run(const struct moe_run_options *options, struct moe_run_result *result)
@@ -486,6 +691,10 @@ static int run_blocked(struct moe_run_result *result)
     result->stage_mismatch = -1;
     if (o->output_path && (rc = moe_check_output_path("--output", o->output_path)))
         return rc;
+    if (o->stats_path && (rc = moe_check_output_path("--stats", o->stats_path)))
+        return rc;
+    if (o->trace_path && (rc = moe_check_output_path("--trace", o->trace_path)))
+        return rc;
     if (o->dump_dir && (rc = moe_dump_check_dir(o->dump_dir, o->output_path)))
         return rc;
     const struct moe_shape *s = &o->shape;
@@ -493,27 +702,41 @@ static int run_blocked(struct moe_run_result *result)
         rc = build_model_layer(result, &tokens, &weights);
     else
         rc = build_random_layer(result, &tokens, &weights);
-    if (rc || (rc = apply_router_options(o, &weights)))
+    if (rc || (rc = apply_router_options(o, &weights)) ||
+        (rc = apply_layer_options(o, &weights)))
         goto out;
     result->router = weights.router;
+    result->capacity = weights.capacity;
+    result->aux_loss_coef = weights.aux_loss_coef;
+    result->z_loss_coef = weights.z_loss_coef;
     moe_blas_init();
 
-    int64_t values = s->tokens * s->hidden;
+    int64_t values = s->tokens * s->hidden, E = s->experts, R = o->ranks;
+    struct moe_run_area_spec spec = {.dump = o->dump_dir != NULL, .steps = o->steps,
+                                     .trace = o->trace_path != NULL};
+    result->stats_len = moe_router_stats_len(E);
     result->output = moe_alloc_large((size_t)values * sizeof(float));
     result->golden = moe_alloc_large((size_t)values * sizeof(float));
-    result->counts = malloc((size_t)(o->ranks * s->experts) * sizeof(int64_t));
-    if (!result->output || !result->golden || !result->counts) {
+    result->counts = malloc((size_t)(R * E) * sizeof(int64_t));
+    result->kept_counts = malloc((size_t)(R * E) * sizeof(int64_t));
+    result->kept = malloc((size_t)(s->tokens * s->top_k) + 1);
+    result->stats = malloc((size_t)(o->steps * result->stats_len) * sizeof(int64_t));
+    result->dropped = malloc((size_t)(o->steps * E) * sizeof(int64_t));
+    if (!result->output || !result->golden || !result->counts || !result->kept_counts ||
+        !result->kept || !result->stats || !result->dropped) {
         rc = moe_fail(-ENOMEM, "out of memory for the output of %" PRId64
                       " tokens", s->tokens);
         goto out;
     }
 
     /* Distributed forward. */
-    struct moe_dist_input input = {.weights = &weights, .tokens = tokens};
+    struct moe_dist_input input = {.weights = &weights, .tokens = tokens,
+                                   .seed = o->seed, .draw_tokens = !o->input_path,
+                                   .bias_update_rate = (float)o->bias_update_rate};
     struct moe_launch_config config = {
         .ranks = o->ranks,
         .ring_capacity = o->ring_bytes,
-        .app_bytes = moe_run_area_bytes(s, o->ranks, o->dump_dir != NULL),
+        .app_bytes = moe_run_area_bytes(s, o->ranks, &spec),
         .timeout_ns = (int64_t)(o->timeout_seconds * 1e9),
         .rank_main = moe_dist_rank_main,
         .arg = &input,
@@ -521,8 +744,9 @@ static int run_blocked(struct moe_run_result *result)
     if ((rc = moe_launch_create(&launch, &config)))
         goto out;
     void *area = moe_segment_app(launch.segment);
-    moe_run_area_init(area, s, o->ranks, o->dump_dir != NULL);
+    moe_run_area_init(area, s, o->ranks, &spec);
 
+    result->launch_start_ns = moe_now_ns();
     rc = moe_launch_run(&launch);
     result->forward_ns = launch.elapsed_ns;
     result->launcher_signal = launch.launcher_signal;
@@ -530,6 +754,7 @@ static int run_blocked(struct moe_run_result *result)
         struct moe_rank_slot *slot = moe_segment_slot(launch.segment, r);
         memcpy(result->step_ns[r], slot->step_ns, sizeof slot->step_ns);
         memcpy(result->wait_ns[r], slot->wait_ns, sizeof slot->wait_ns);
+        result->report[r] = *moe_run_area_report(area, r);
     }
     /* The rank that failed first comes first, then the others that failed or
      * had to be killed. */
@@ -553,10 +778,7 @@ static int run_blocked(struct moe_run_result *result)
             moe_fail(rc, "the distributed forward was stopped");
         goto out;
     }
-    memcpy(result->output, moe_run_area_output(area), (size_t)values * sizeof(float));
-    memcpy(result->counts, moe_run_area_counts(area),
-           (size_t)(o->ranks * s->experts) * sizeof(int64_t));
-    if (o->dump_dir && (rc = copy_stages(result, area)))
+    if ((rc = copy_run_area(result, area)))
         goto out;
     corrupt_stage_for_testing(result);
     moe_launch_destroy(&launch);
@@ -568,14 +790,9 @@ static int run_blocked(struct moe_run_result *result)
         goto out;
     }
     int64_t start = moe_now_ns();
-    struct moe_golden_info golden = {.want_stages = o->dump_dir != NULL};
-    if ((rc = moe_golden_forward(&weights, tokens, result->golden, &golden)))
+    if ((rc = golden_steps(result, &weights, tokens)))
         goto out;
     result->golden_ns = moe_now_ns() - start;
-    moe_compare_bits(result->output, result->golden, values, &result->check);
-    if (o->dump_dir)
-        moe_dump_check(result, &golden, tokens);
-    moe_golden_info_free(&golden);
 
     if ((result->launcher_signal = pending_stop_signal())) {
         rc = -ECANCELED;
@@ -584,7 +801,12 @@ static int run_blocked(struct moe_run_result *result)
     if (o->output_path)
         rc = moe_npy_write_f32(o->output_path, result->output, s->tokens, s->hidden);
     if (rc == 0 && o->dump_dir)
-        rc = moe_dump_write(o->dump_dir, result, tokens);
+        rc = moe_dump_write(o->dump_dir, result,
+                            result->last_tokens ? result->last_tokens : tokens);
+    if (rc == 0 && o->stats_path)
+        rc = moe_run_write_stats(o->stats_path, result);
+    if (rc == 0 && o->trace_path)
+        rc = moe_run_write_trace(o->trace_path, result);
 
 out:
     moe_launch_destroy(&launch);
@@ -598,8 +820,16 @@ void moe_run_result_free(struct moe_run_result *result)
     free(result->output);
     free(result->golden);
     free(result->counts);
-    result->output = result->golden = NULL;
-    result->counts = NULL;
+    free(result->kept_counts);
+    free(result->kept);
+    free(result->stats);
+    free(result->dropped);
+    free(result->trace);
+    free(result->last_tokens);
+    result->output = result->golden = result->last_tokens = NULL;
+    result->counts = result->kept_counts = result->stats = result->dropped = NULL;
+    result->kept = NULL;
+    result->trace = NULL;
     for (int i = 0; i < MOE_STAGE_COUNT; i++) {
         free(result->stage[i]);
         result->stage[i] = NULL;

@@ -1049,7 +1049,7 @@ Test(compare, stage_table_lists_pipeline)
 {
     static const char *const expected[] = {
         "tokens.npy", "router_logits.npy", "router_scores.npy",
-        "topk_ids.npy", "topk_weights.npy", "num_tokens_per_rank.npy",
+        "topk_ids.npy", "topk_weights.npy", "topk_kept.npy", "num_tokens_per_rank.npy",
         "num_tokens_per_expert.npy", "is_token_in_rank.npy",
         "rank%d_recv_src_idx.npy", "rank%d_recv_expert.npy",
         "rank%d_recv_x.npy", "expert_out.npy", "shared_out.npy", "output.npy",
