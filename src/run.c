@@ -385,6 +385,18 @@ static void corrupt_for_testing(float *output, int64_t count)
     }
 }
 
+/* Flips one drop flag of the last forward when the debug variable
+ * MOE_EP_CORRUPT_KEPT names its index (token * K + slot), so that tests
+ * can see the check of the drops report a mismatch. */
+static void corrupt_kept_for_testing(uint8_t *kept, int64_t count)
+{
+    const char *text = getenv("MOE_EP_CORRUPT_KEPT");
+    char *end;
+    long long index = text && *text ? strtoll(text, &end, 10) : -1;
+    if (text && *text && *end == '\0' && index >= 0 && index < count)
+        kept[index] ^= 1;
+}
+
 /* Flips the lowest bit of one element of a dumped stage when the debug
  * variable MOE_EP_CORRUPT_STAGE is "STAGE:INDEX" (a stage name of
  * moe_stage_name()), so that tests can see the stage check report it. */
@@ -781,6 +793,7 @@ static int run_blocked(struct moe_run_result *result)
     if ((rc = copy_run_area(result, area)))
         goto out;
     corrupt_stage_for_testing(result);
+    corrupt_kept_for_testing(result->kept, s->tokens * s->top_k);
     moe_launch_destroy(&launch);
     corrupt_for_testing(result->output, values);
 
