@@ -97,10 +97,14 @@ static int forward_rank_main(struct moe_comm *comm, void *arg)
     int rc = moe_dist_rank_new(comm, plan->input, &rank);
     if (rc)
         return rc;
-    const struct moe_rank_slot *slot = moe_segment_slot(comm->segment, comm->rank);
+    struct moe_rank_slot *slot = moe_segment_slot(comm->segment, comm->rank);
     rc = moe_dist_forward(rank);
     for (int rep = 0; rc == 0 && rep < plan->repeats; rep++) {
         rc = moe_barrier(comm);
+        /* The forward adds its step times to the slot; start from zero so
+         * that the slot holds this forward's alone. */
+        memset(slot->step_ns, 0, sizeof slot->step_ns);
+        memset(slot->wait_ns, 0, sizeof slot->wait_ns);
         if (rc == 0)
             rc = moe_dist_forward(rank);
         if (rc == 0)
