@@ -171,7 +171,9 @@ void moe_selection_bias_update(float *bias, const int64_t *stats, int64_t expert
     double mean = (double)stats[0] * (double)top_k / (double)experts;
     for (int64_t e = 0; e < experts; e++) {
         double load = (double)stats[1 + e];
-        float sign = load < mean ? 1.0f : load > mean ? -1.0f : 0.0f;
-        bias[e] += rate * sign;
+        if (load < mean)
+            bias[e] += rate;
+        else if (load > mean)
+            bias[e] -= rate;
     }
 }

@@ -2,7 +2,7 @@
  * capacity.c - expert capacity: how many assignments an expert keeps, and
  * which ones.
  *
- * The rule sees one expert's assignments in global token order, which the
+ * The rule reads one expert's assignments in global token order, which the
  * golden path builds directly and the ranks build by taking the sources in
  * rank order. So both paths decide the same drops on any rank count.
  */
@@ -53,7 +53,7 @@ int64_t moe_capacity_keep(const struct moe_capacity *c, int64_t n,
     int64_t *index = malloc((size_t)(2 * n) * sizeof *index);
     if (!index)
         return -1;
-    int64_t *tmp = index + n;
+    int64_t *merged = index + n;
     for (int64_t i = 0; i < n; i++)
         index[i] = i;
     for (int64_t width = 1; width < n; width *= 2) {
@@ -64,14 +64,14 @@ int64_t moe_capacity_keep(const struct moe_capacity *c, int64_t n,
             while (a < mid && b < hi)
                 /* take from the right run only when it ranks strictly above:
                  * stability keeps the lower token first on ties */
-                tmp[out++] = weight_above(weights[index[b]], weights[index[a]])
+                merged[out++] = weight_above(weights[index[b]], weights[index[a]])
                                  ? index[b++] : index[a++];
             while (a < mid)
-                tmp[out++] = index[a++];
+                merged[out++] = index[a++];
             while (b < hi)
-                tmp[out++] = index[b++];
+                merged[out++] = index[b++];
         }
-        memcpy(index, tmp, (size_t)n * sizeof *index);
+        memcpy(index, merged, (size_t)n * sizeof *index);
     }
     for (int64_t i = 0; i < c->limit; i++)
         keep[index[i]] = 1;
