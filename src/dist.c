@@ -23,13 +23,13 @@
  *
  * Capacity. The golden path keeps, for each expert, the survivors of
  * moe_capacity_keep() over the expert's assignments in global token order.
- * The ranks reach the same set without sending a dropped row:
- *   position  assignment j of rank s to expert e has global position
- *             (rows of ranks below s to e) + j, which the layout gives
- *             every rank, so each rank drops its own rows by itself;
- *   probs     each rank sends the owner its routing weights (4 bytes per
- *             assignment), the owner applies the rule to each expert's list
- *             in global token order and returns one keep flag per
+ * The ranks reach the same set without sending a dropped row.
+ *   position  Assignment j of rank s to expert e has the global position
+ *             (rows of the ranks below s for e) + j. The layout gives
+ *             every rank these counts, so each rank drops its own rows.
+ *   probs     Each rank sends the owner its routing weights (4 bytes per
+ *             assignment). The owner applies the rule to each expert's
+ *             list in global token order and returns one keep flag per
  *             assignment. Rows move only after that.
  */
 #include "moe_dist.h"
@@ -209,9 +209,9 @@ static void inject_fault(int rank, int step)
         _exit(1);
 }
 
-/* Appends a span to the trace; a wait that starts soon after the last
- * wait span is merged into it, and when the buffer is full waits merge
- * into the last span. */
+/* Appends a span to the trace. A wait that starts soon after the last
+ * wait span extends that span instead. When the buffer is full, waits
+ * extend the last span. */
 static void trace_add(struct moe_dist_rank *f, int kind, int step, int64_t start,
                       int64_t end, uint64_t bytes)
 {
@@ -346,8 +346,9 @@ static int64_t rows_of_expert(const struct moe_dist_rank *f, int64_t E, int64_t 
     return rows;
 }
 
-/* Position policy: every rank knows where its rows stand in each expert's
- * global token order, so it keeps the first `limit` without asking. Fills
+/* Position policy: the layout gives every rank the place of its rows in
+ * each expert's global token order, so it keeps the first `limit` by
+ * itself. Fills
  * kept_counts for every (source, expert) and keep[] for this rank's send
  * rows. */
 static void keep_by_position(struct moe_dist_rank *f, int64_t E, int64_t limit)
@@ -358,7 +359,10 @@ static void keep_by_position(struct moe_dist_rank *f, int64_t E, int64_t limit)
         for (int src = 0; src < R; src++) {
             int64_t c = f->all_counts[src * E + e];
             int64_t room = limit < 0 ? c : limit - before;
-            f->kept_counts[src * E + e] = room < 0 ? 0 : room < c ? room : c;
+            int64_t kept = room < c ? room : c;
+            if (kept < 0)
+                kept = 0;
+            f->kept_counts[src * E + e] = kept;
             before += c;
         }
     }
@@ -368,8 +372,8 @@ static void keep_by_position(struct moe_dist_rank *f, int64_t E, int64_t limit)
             f->keep[row++] = j < f->kept_counts[me * E + e];
 }
 
-/* Probs policy: the owner of each expert sees every routing weight sent to
- * it and decides; see the comment at the top. */
+/* Probs policy: the owner of each expert receives the routing weights of
+ * all its assignments and decides, as the comment at the top describes. */
 static int keep_by_probs(struct moe_dist_rank *f, int64_t E)
 {
     struct moe_comm *comm = f->comm;
@@ -722,8 +726,8 @@ static void dump_route(const struct moe_dist_rank *f, void *area)
 }
 
 /* Copies the rows this rank received, in receive order, into the dump.
- * This rank's rows start after the rows the lower ranks' experts were
- * routed, which every rank knows from the layout. */
+ * This rank's rows start after the rows routed to the lower ranks'
+ * experts, which the layout gives every rank. */
 static void dump_received(const struct moe_dist_rank *f, void *area,
                           int64_t received_rows)
 {
