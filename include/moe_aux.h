@@ -28,7 +28,7 @@
 #define MOE_EXACT_LIMBS 12
 
 /* An exact sum of float32 values, as int64 words so that an all-reduce can
- * add two of them word by word. Each limb holds a signed count of units of
+ * add two of them word by word. Each limb is a signed count of units of
  * 2^(32 * i - 149); limbs are only carried when the value is read, so up to
  * 2^31 terms can be added before that. */
 struct moe_exact_sum {

@@ -6,7 +6,7 @@
  * experts (moe_block_range). One forward is five steps:
  *   route     gate logits, scores and top-k for the rank's own tokens
  *   layout    all-gather of the (E) count of rows each rank sends to each
- *             expert, so every rank knows the full (R, E) layout; the
+ *             expert, which gives every rank the full (R, E) layout; the
  *             all-reduce of the router stats for the aux losses; and, with
  *             a capacity, the decision of which rows each expert keeps
  *             (see src/dist.c)
@@ -27,7 +27,7 @@
 
 #define MOE_RUN_AREA_MAGIC 0x4e5552455045454dULL /* "MEEPERUN" read as bytes */
 
-/* What a run area holds besides the output. */
+/* The contents of a run area besides the output. */
 struct moe_run_area_spec {
     int dump;        /* the stage arrays of --dump */
     int64_t steps;   /* forwards the ranks run (--steps), at least 1 */
@@ -48,8 +48,8 @@ struct moe_trace_event {
 /* Waits closer together than this are merged into one trace span. */
 #define MOE_TRACE_MERGE_NS 20000
 
-/* Per-rank figures the launcher reports, summed over all forwards unless
- * a field says otherwise. */
+/* Per-rank figures for the launcher's report, summed over all forwards
+ * unless a field's comment gives another rule. */
 struct moe_rank_report {
     int64_t received_rows;  /* rows received in the last forward */
     uint64_t saved_bytes;   /* dispatch and combine bytes this rank did not

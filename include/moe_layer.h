@@ -77,7 +77,8 @@ enum moe_activation {
     MOE_ACT_GELU_TANH = 3, /* the tanh approximation, "gelu_new" */
 };
 
-/* Which assignments an expert keeps when more than its capacity arrive. */
+/* The rule that picks the assignments an expert keeps when more than its
+ * capacity arrive. */
 enum moe_drop_policy {
     /* the first `limit` assignments in global token order */
     MOE_DROP_POSITION = 0,
@@ -277,7 +278,7 @@ float moe_activate(enum moe_activation act, float v);
 
 /* Runs expert e of the layer on M rows: moe_expert_forward() for SwiGLU
  * experts, or the dense block with its activation. Same contract: the bits
- * depend on the rows and on M, and scratch holds
+ * depend on the rows and on M, and scratch has room for
  * moe_expert_scratch_floats(M, F) floats. */
 void moe_expert_run(const struct moe_weights *weights, int64_t expert,
                     const float *x, int64_t rows, float *scratch, float *y);
@@ -290,7 +291,7 @@ void moe_expert_run(const struct moe_weights *weights, int64_t expert,
 int64_t moe_capacity_from_factor(double factor, int64_t min_capacity,
                                  int64_t tokens, int64_t top_k, int64_t experts);
 
-/* Decides which of one expert's n assignments survive. `weights` holds
+/* Decides which of one expert's n assignments survive. `weights` are
  * their routing weights in global token order (only read by the probs
  * policy); keep[i] is set to 1 or 0. Returns the number kept, or -1 when
  * out of memory (the probs policy sorts a copy of the indices). Both the

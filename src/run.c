@@ -601,10 +601,10 @@ static int copy_run_area(struct moe_run_result *result, void *area)
     return a->dump ? copy_stages(result, area) : 0;
 }
 
-/* Runs the golden path over every forward of the run, with its own copy
- * of the selection bias moved by the same rule as the ranks', and checks
- * each forward's routing stats and drops, then the last forward's output,
- * drop flags and stages, bit for bit. */
+/* Runs the golden path over every forward of the run. It moves its own
+ * copy of the selection bias by the ranks' rule. Each forward's routing
+ * stats and drops are checked bit for bit, and so are the last forward's
+ * output, drop flags and stages. */
 static int golden_steps(struct moe_run_result *result, const struct moe_weights *weights,
                         const float *tokens)
 {
