@@ -94,7 +94,9 @@ void moe_dump_check(struct moe_run_result *r, const struct moe_golden_info *g,
     /* The expected received rows: the token rows in the layout's order,
      * from the golden routing. */
     int64_t H = s->hidden, rows_all = s->tokens * s->top_k, at = 0;
-    float *expected = malloc((size_t)(rows_all * H + 1) * sizeof(float));
+    /* calloc: with drops fewer than T * K rows arrive, and the rest of the
+     * stage is zero on both sides. */
+    float *expected = calloc((size_t)(rows_all * H + 1), sizeof(float));
     int32_t *src_idx = malloc((size_t)(rows_all + 1) * sizeof(int32_t));
     int32_t *expert = malloc((size_t)(rows_all + 1) * sizeof(int32_t));
     if (expected && src_idx && expert && g->expert_ids) {

@@ -319,3 +319,26 @@ Test(imbalance, bad_capacity_flags, .timeout = 30)
     cr_assert_eq(o.status, 2);
     cr_assert_not_null(strstr(o.err, "--steps"), "%s", o.err);
 }
+
+/* With drops the ranks receive fewer than T * K rows; the dump of the
+ * received rows must still match the golden path, also after several
+ * forwards have reused the buffers. */
+Test(imbalance, dump_under_drops_matches, .timeout = 60)
+{
+    const char *policies[] = {"position", "probs"};
+    for (int p = 0; p < 2; p++) {
+        char dir[128];
+        temp_path(dir, sizeof dir, "dump");
+        struct outcome o;
+        run_program(&o, NULL, 0, 0,
+                    (const char *[]){"run", "--ranks", "3", "--tokens", "50", "--hidden",
+                                     "32", "--ffn", "48", "--skew", "2",
+                                     "--capacity-factor", "0.6", "--drop-policy",
+                                     policies[p], "--steps", "2", "--dump", dir, NULL});
+        cr_assert_eq(o.status, 0, "%s: %s%s", policies[p], o.out, o.err);
+        cr_assert_not_null(strstr(o.out, "recv_x         bitwise equal"), "%s", o.out);
+        char command[256];
+        snprintf(command, sizeof command, "rm -rf %s", dir);
+        cr_assert_eq(system(command), 0);
+    }
+}
