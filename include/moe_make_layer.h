@@ -17,9 +17,14 @@ struct moe_preset {
     const char *model;       /* Hugging Face model id it comes from */
     enum moe_family_id family;
     int64_t layers, hidden, ffn, shared_ffn, experts, top_k;
-    int64_t groups, topk_groups, first_dense; /* deepseek_v3 only */
+    int64_t groups, topk_groups; /* deepseek_v3 only */
+    /* The layer written: deepseek-v3's first MoE layer, switch-base-8's
+     * first sparse encoder block, else 0. */
+    int64_t layer;
     float scaling_factor;
     int renormalize;         /* norm_topk_prob */
+    int64_t expert_capacity; /* switch_transformers only */
+    enum moe_activation activation; /* dense_act_fn, switch_transformers only */
 };
 
 /* Returns the preset named `name`, or NULL. */
@@ -34,6 +39,8 @@ struct moe_make_layer_options {
     int64_t groups, topk_groups;
     float scaling_factor;
     int renormalize;
+    int64_t expert_capacity;        /* switch_transformers only */
+    enum moe_activation activation; /* switch_transformers only */
     enum moe_layer_dtype dtype;
     int shards;        /* safetensors files; 1 writes model.safetensors */
     int64_t tokens;    /* rows of tokens.npy, or 0 for none */

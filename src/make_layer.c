@@ -27,21 +27,26 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-/* Published shapes, from each model's config.json on the Hugging Face Hub. */
+/* Published shapes, from each model's config.json on the Hugging Face Hub;
+ * docs/FAMILIES.md names the copy each one was read from. */
 static const struct moe_preset presets[] = {
     {"mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", MOE_FAMILY_MIXTRAL,
-     32, 4096, 14336, 0, 8, 2, 1, 1, 0, 1.0f, 1},
+     32, 4096, 14336, 0, 8, 2, 1, 1, 0, 1.0f, 1, -1, MOE_ACT_SILU},
     {"qwen1.5-moe-a2.7b", "Qwen/Qwen1.5-MoE-A2.7B", MOE_FAMILY_QWEN2_MOE,
-     24, 2048, 1408, 5632, 60, 4, 1, 1, 0, 1.0f, 0},
+     24, 2048, 1408, 5632, 60, 4, 1, 1, 0, 1.0f, 0, -1, MOE_ACT_SILU},
     {"qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", MOE_FAMILY_QWEN3_MOE,
-     48, 2048, 768, 0, 128, 8, 1, 1, 0, 1.0f, 1},
+     48, 2048, 768, 0, 128, 8, 1, 1, 0, 1.0f, 1, -1, MOE_ACT_SILU},
     {"olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924", MOE_FAMILY_OLMOE,
-     16, 2048, 1024, 0, 64, 8, 1, 1, 0, 1.0f, 0},
+     16, 2048, 1024, 0, 64, 8, 1, 1, 0, 1.0f, 0, -1, MOE_ACT_SILU},
     {"deepseek-v3", "deepseek-ai/DeepSeek-V3", MOE_FAMILY_DEEPSEEK_V3,
-     61, 7168, 2048, 2048, 256, 8, 8, 4, 3, 2.5f, 1},
+     61, 7168, 2048, 2048, 256, 8, 8, 4, 3, 2.5f, 1, -1, MOE_ACT_SILU},
+    /* 12 encoder blocks, of which 1, 3, ..., 11 are sparse (encoder_sparse_step 2) */
+    {"switch-base-8", "google/switch-base-8", MOE_FAMILY_SWITCH_TRANSFORMERS,
+     12, 768, 3072, 0, 8, 1, 1, 1, 1, 1.0f, 0, 64, MOE_ACT_RELU},
 };
 
-#define PRESET_NAMES "mixtral-8x7b, qwen1.5-moe-a2.7b, qwen3-30b-a3b, olmoe-1b-7b, deepseek-v3"
+#define PRESET_NAMES \
+    "mixtral-8x7b, qwen1.5-moe-a2.7b, qwen3-30b-a3b, olmoe-1b-7b, deepseek-v3, switch-base-8"
 
 const struct moe_preset *moe_preset_find(const char *name)
 {
@@ -68,18 +73,25 @@ void moe_make_layer_usage(FILE *out)
         "  --hidden H          hidden size [64]\n"
         "  --ffn F             expert FFN size [32]\n"
         "  --experts E         routed experts [8; 16 for deepseek_v3]\n"
-        "  --top-k K           experts per token [2; 4 for deepseek_v3]\n"
+        "  --top-k K           experts per token [2; 4 for deepseek_v3; always 1\n"
+        "                      for switch_transformers]\n"
         "  --shared-ffn N      qwen2_moe: shared expert width [2 x F]\n"
         "  --shared-experts N  deepseek_v3: shared experts of width F [1]\n"
         "  --groups G          deepseek_v3: n_group [4]\n"
         "  --topk-groups G     deepseek_v3: topk_group [2]\n"
         "  --scaling-factor X  deepseek_v3: routed_scaling_factor [2.5]\n"
         "  --renormalize on|off  norm_topk_prob, for every family but mixtral,\n"
-        "                      which always renormalises [on for qwen3_moe and\n"
+        "                      which always renormalises, and switch_transformers,\n"
+        "                      which never does [on for qwen3_moe and\n"
         "                      deepseek_v3, off otherwise]\n"
-        "  --layer L           index of the MoE layer; the layers before it are\n"
+        "  --expert-capacity N switch_transformers: tokens each expert keeps, in\n"
+        "                      token order; the rest are dropped [64]\n"
+        "  --dense-act-fn A    switch_transformers: expert activation, one of\n"
+        "                      " MOE_DENSE_ACT_NAMES " [relu]\n"
+        "  --layer L           index of the MoE layer (for switch_transformers,\n"
+        "                      of the encoder block); the layers before it are\n"
         "                      marked dense where the family allows [0; 3 for\n"
-        "                      the deepseek-v3 preset]\n"
+        "                      the deepseek-v3 preset, 1 for switch-base-8]\n"
         "  --dtype D           f32, bf16, f16, or fp8 (deepseek_v3 only) [f32]\n"
         "  --shards N          split the weights over N files with an index [1]\n"
         "  --tokens T          also write DIR/tokens.npy, T random float32 tokens\n"
@@ -90,10 +102,18 @@ void moe_make_layer_usage(FILE *out)
 static void set_family_defaults(struct moe_make_layer_options *o)
 {
     int deepseek = o->family->id == MOE_FAMILY_DEEPSEEK_V3;
+    int switch_family = o->family->id == MOE_FAMILY_SWITCH_TRANSFORMERS;
     o->hidden = 64;
     o->ffn = 32;
     o->experts = deepseek ? 16 : 8;
-    o->top_k = deepseek ? 4 : 2;
+    o->top_k = 2;
+    if (deepseek)
+        o->top_k = 4;
+    if (switch_family)
+        o->top_k = 1;
+    /* transformers' SwitchTransformersConfig defaults */
+    o->expert_capacity = switch_family ? 64 : -1;
+    o->activation = switch_family ? MOE_ACT_RELU : MOE_ACT_SILU;
     o->shared_ffn = o->family->id == MOE_FAMILY_QWEN2_MOE ? 2 * o->ffn
                     : deepseek                          ? o->ffn
                                                         : 0;
@@ -107,7 +127,7 @@ static void set_family_defaults(struct moe_make_layer_options *o)
 static void set_preset(struct moe_make_layer_options *o, const struct moe_preset *p)
 {
     o->family = moe_family_get(p->family);
-    o->layer = p->first_dense;
+    o->layer = p->layer;
     o->hidden = p->hidden;
     o->ffn = p->ffn;
     o->shared_ffn = p->shared_ffn;
@@ -117,15 +137,18 @@ static void set_preset(struct moe_make_layer_options *o, const struct moe_preset
     o->topk_groups = p->topk_groups;
     o->scaling_factor = p->scaling_factor;
     o->renormalize = p->renormalize;
+    o->expert_capacity = p->expert_capacity;
+    o->activation = p->activation;
 }
 
 /* Flags that change the shape; they are applied after the family's or the
  * preset's defaults, whatever their order on the command line. */
 struct shape_flags {
     int64_t hidden, ffn, shared_ffn, shared_experts, experts, top_k, groups,
-        topk_groups, scale, layer;
+        topk_groups, scale, layer, expert_capacity;
     double scaling_factor;
     int renormalize; /* -1 when not given */
+    int activation;  /* an enum moe_activation, or -1 when not given */
 };
 
 static int parse_dtype(const char *text, enum moe_layer_dtype *dtype)
@@ -154,6 +177,7 @@ static int apply_shape_flags(struct moe_make_layer_options *o, const struct shap
                              const struct moe_preset *preset)
 {
     int deepseek = o->family->id == MOE_FAMILY_DEEPSEEK_V3;
+    int switch_family = o->family->id == MOE_FAMILY_SWITCH_TRANSFORMERS;
     int rc;
     if ((rc = check_family_flag(o, "--shared-ffn", g->shared_ffn >= 0,
                                 o->family->id == MOE_FAMILY_QWEN2_MOE)) ||
@@ -162,10 +186,16 @@ static int apply_shape_flags(struct moe_make_layer_options *o, const struct shap
         (rc = check_family_flag(o, "--topk-groups", g->topk_groups > 0, deepseek)) ||
         (rc = check_family_flag(o, "--scaling-factor", g->scaling_factor >= 0, deepseek)) ||
         (rc = check_family_flag(o, "--renormalize", g->renormalize >= 0,
-                                o->family->id != MOE_FAMILY_MIXTRAL)) ||
+                                o->family->id != MOE_FAMILY_MIXTRAL && !switch_family)) ||
+        (rc = check_family_flag(o, "--expert-capacity", g->expert_capacity >= 0,
+                                switch_family)) ||
+        (rc = check_family_flag(o, "--dense-act-fn", g->activation >= 0, switch_family)) ||
         (rc = check_family_flag(o, "--dtype fp8", o->dtype == MOE_LAYER_FP8, deepseek)) ||
         (rc = check_family_flag(o, "--scale", g->scale > 0 && !preset, 0)))
         return rc;
+    if (switch_family && g->top_k > 1)
+        return moe_fail(-EINVAL, "invalid --top-k value %" PRId64 ": switch_transformers "
+                        "routes each token to exactly one expert", g->top_k);
 
     int64_t shared_experts = deepseek && o->ffn ? o->shared_ffn / o->ffn : 0;
     if (g->scale > 0) {
@@ -196,6 +226,10 @@ static int apply_shape_flags(struct moe_make_layer_options *o, const struct shap
         o->renormalize = g->renormalize;
     if (g->layer >= 0)
         o->layer = g->layer;
+    if (g->expert_capacity >= 0)
+        o->expert_capacity = g->expert_capacity;
+    if (g->activation >= 0)
+        o->activation = (enum moe_activation)g->activation;
     if (g->shared_ffn >= 0)
         o->shared_ffn = g->shared_ffn;
     else if (o->family->id == MOE_FAMILY_QWEN2_MOE && !preset && g->ffn > 0)
@@ -227,9 +261,9 @@ int moe_make_layer_parse(struct moe_make_layer_options *o, int argc, char **argv
         "--family", "--preset", "--scale", "--out", "--hidden", "--ffn", "--experts",
         "--top-k", "--shared-ffn", "--shared-experts", "--groups", "--topk-groups",
         "--scaling-factor", "--renormalize", "--layer", "--dtype", "--shards",
-        "--tokens", "--seed", NULL,
+        "--tokens", "--seed", "--expert-capacity", "--dense-act-fn", NULL,
     };
-    struct shape_flags g = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1.0, -1};
+    struct shape_flags g = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1.0, -1, -1};
     const struct moe_preset *preset = NULL;
     int rc;
 
@@ -253,10 +287,11 @@ int moe_make_layer_parse(struct moe_make_layer_options *o, int argc, char **argv
                           : !strcmp(flag, "--topk-groups")    ? &g.topk_groups
                           : !strcmp(flag, "--scale")          ? &g.scale
                           : !strcmp(flag, "--layer")          ? &g.layer
+                          : !strcmp(flag, "--expert-capacity") ? &g.expert_capacity
                           : !strcmp(flag, "--tokens")         ? &o->tokens
                                                               : NULL;
         int64_t min = !strcmp(flag, "--shared-ffn") || !strcmp(flag, "--shared-experts") ||
-                              !strcmp(flag, "--layer")
+                              !strcmp(flag, "--layer") || !strcmp(flag, "--expert-capacity")
                           ? 0
                           : 1;
         int64_t max = !strcmp(flag, "--experts") || !strcmp(flag, "--top-k") ||
@@ -275,16 +310,29 @@ int moe_make_layer_parse(struct moe_make_layer_options *o, int argc, char **argv
                 return moe_fail(-EINVAL, "invalid --preset value '%s': expected one "
                                 "of " PRESET_NAMES, text);
         } else if (!strcmp(flag, "--out")) {
+            if (!text[0])
+                return moe_fail(-EINVAL, "invalid --out value '': expected a "
+                                "directory name");
             o->out_dir = text;
         } else if (!strcmp(flag, "--scaling-factor")) {
             if ((rc = moe_parse_double(flag, text, 0.0, 1e6, &g.scaling_factor)))
                 return rc;
+            /* 0 would zero the output of every routed expert. */
+            if (g.scaling_factor == 0.0)
+                return moe_fail(-EINVAL, "invalid --scaling-factor value '%s': "
+                                "expected a number above 0, up to 1e+06", text);
         } else if (!strcmp(flag, "--renormalize")) {
             if ((rc = moe_parse_on_off(flag, text, &g.renormalize)))
                 return rc;
         } else if (!strcmp(flag, "--dtype")) {
             if ((rc = parse_dtype(text, &o->dtype)))
                 return rc;
+        } else if (!strcmp(flag, "--dense-act-fn")) {
+            enum moe_activation activation;
+            if (moe_activation_from_name(text, &activation))
+                return moe_fail(-EINVAL, "invalid --dense-act-fn value '%s': expected "
+                                MOE_DENSE_ACT_NAMES, text);
+            g.activation = (int)activation;
         } else if (!strcmp(flag, "--shards")) {
             int64_t v;
             if ((rc = moe_parse_int64(flag, text, 1, 999, &v)))
@@ -322,8 +370,37 @@ static const char *architecture(enum moe_family_id id)
         [MOE_FAMILY_QWEN3_MOE] = "Qwen3MoeForCausalLM",
         [MOE_FAMILY_OLMOE] = "OlmoeForCausalLM",
         [MOE_FAMILY_DEEPSEEK_V3] = "DeepseekV3ForCausalLM",
+        [MOE_FAMILY_SWITCH_TRANSFORMERS] = "SwitchTransformersForConditionalGeneration",
     };
     return names[id];
+}
+
+/* Returns the encoder_sparse_step that makes encoder block `layer` sparse:
+ * 1 for block 0, 2 for block 1 and L - 1 for a later block L. Every step
+ * above 1 makes block 1 sparse too, so only blocks 0 and 1 follow dense
+ * blocks alone. */
+static int64_t switch_sparse_step(int64_t layer)
+{
+    if (layer == 1)
+        return 2;
+    return layer > 2 ? layer - 1 : 1;
+}
+
+/* Adds the Switch Transformers fields, with the router loss coefficients
+ * of the published switch-base configs. */
+static void add_switch_fields(cJSON *c, const struct moe_make_layer_options *o)
+{
+    int64_t step = switch_sparse_step(o->layer), sparse = 0;
+    for (int64_t b = 0; b <= o->layer; b++)
+        sparse += step == 1 || b % step == 1;
+    cJSON_AddNumberToObject(c, "expert_capacity", (double)o->expert_capacity);
+    cJSON_AddNumberToObject(c, "encoder_sparse_step", (double)step);
+    cJSON_AddNumberToObject(c, "num_sparse_encoder_layers", (double)sparse);
+    cJSON_AddStringToObject(c, "dense_act_fn", moe_activation_name(o->activation));
+    cJSON_AddBoolToObject(c, "router_bias", 0);
+    cJSON_AddStringToObject(c, "router_dtype", "float32");
+    cJSON_AddNumberToObject(c, "router_aux_loss_coef", 0.001);
+    cJSON_AddNumberToObject(c, "router_z_loss_coef", 0.001);
 }
 
 static cJSON *build_config(const struct moe_make_layer_options *o)
@@ -335,11 +412,14 @@ static cJSON *build_config(const struct moe_make_layer_options *o)
     cJSON_AddItemToArray(arch, cJSON_CreateString(architecture(f->id)));
     cJSON_AddStringToObject(c, "model_type", f->model_type);
     cJSON_AddStringToObject(c, "torch_dtype", torch_dtypes[o->dtype]);
-    cJSON_AddNumberToObject(c, "num_hidden_layers", (double)(o->layer + 1));
-    cJSON_AddNumberToObject(c, "hidden_size", (double)o->hidden);
+    cJSON_AddNumberToObject(c, f->layers_field, (double)(o->layer + 1));
+    cJSON_AddNumberToObject(c, f->hidden_field, (double)o->hidden);
     cJSON_AddNumberToObject(c, f->ffn_field, (double)o->ffn);
     cJSON_AddNumberToObject(c, f->experts_field, (double)o->experts);
-    cJSON_AddNumberToObject(c, "num_experts_per_tok", (double)o->top_k);
+    if (f->id == MOE_FAMILY_SWITCH_TRANSFORMERS)
+        add_switch_fields(c, o);
+    else
+        cJSON_AddNumberToObject(c, "num_experts_per_tok", (double)o->top_k);
 
     if (f->id == MOE_FAMILY_QWEN2_MOE)
         cJSON_AddNumberToObject(c, "shared_expert_intermediate_size", (double)o->shared_ffn);
@@ -350,7 +430,7 @@ static cJSON *build_config(const struct moe_make_layer_options *o)
         for (int64_t l = 0; l < o->layer; l++)
             cJSON_AddItemToArray(dense, cJSON_CreateNumber((double)l));
     }
-    if (f->id != MOE_FAMILY_MIXTRAL)
+    if (f->id != MOE_FAMILY_MIXTRAL && f->id != MOE_FAMILY_SWITCH_TRANSFORMERS)
         cJSON_AddBoolToObject(c, "norm_topk_prob", o->renormalize);
     if (f->id == MOE_FAMILY_DEEPSEEK_V3) {
         cJSON_AddNumberToObject(c, "n_shared_experts", (double)(o->shared_ffn / o->ffn));
@@ -513,10 +593,12 @@ static int collect_tensors(const struct moe_make_layer_options *o,
                                            MOE_DTYPE_F32, 0))))
         return rc;
     for (int64_t e = 0; e < o->experts; e++) {
+        /* Dense (switch_transformers) experts have no up projection. */
+        int has_up = f->proj[1] != NULL;
         if ((rc = NAME(MOE_TENSOR_EXPERT_GATE, e)) ||
             (rc = add_weight(l, name, w->w1 + e * F * H, 2, F, H, dtype, fp8)) ||
-            (rc = NAME(MOE_TENSOR_EXPERT_UP, e)) ||
-            (rc = add_weight(l, name, w->w3 + e * F * H, 2, F, H, dtype, fp8)) ||
+            (has_up && (rc = NAME(MOE_TENSOR_EXPERT_UP, e))) ||
+            (has_up && (rc = add_weight(l, name, w->w3 + e * F * H, 2, F, H, dtype, fp8))) ||
             (rc = NAME(MOE_TENSOR_EXPERT_DOWN, e)) ||
             (rc = add_weight(l, name, w->w2 + e * H * F, 2, H, F, dtype, fp8)))
             return rc;

@@ -19,17 +19,24 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define DECODER_NAMES "model.layers", "gate", "", "hidden_size", "num_hidden_layers"
+
 static const struct moe_family families[MOE_FAMILY_COUNT] = {
     {MOE_FAMILY_MIXTRAL, "mixtral", "block_sparse_moe", {"w1", "w3", "w2"},
-     "num_local_experts", "intermediate_size", MOE_SHARED_NONE},
+     "num_local_experts", "intermediate_size", MOE_SHARED_NONE, DECODER_NAMES},
     {MOE_FAMILY_QWEN2_MOE, "qwen2_moe", "mlp", {"gate_proj", "up_proj", "down_proj"},
-     "num_experts", "moe_intermediate_size", MOE_SHARED_GATED},
+     "num_experts", "moe_intermediate_size", MOE_SHARED_GATED, DECODER_NAMES},
     {MOE_FAMILY_QWEN3_MOE, "qwen3_moe", "mlp", {"gate_proj", "up_proj", "down_proj"},
-     "num_experts", "moe_intermediate_size", MOE_SHARED_NONE},
+     "num_experts", "moe_intermediate_size", MOE_SHARED_NONE, DECODER_NAMES},
     {MOE_FAMILY_OLMOE, "olmoe", "mlp", {"gate_proj", "up_proj", "down_proj"},
-     "num_experts", "intermediate_size", MOE_SHARED_NONE},
+     "num_experts", "intermediate_size", MOE_SHARED_NONE, DECODER_NAMES},
     {MOE_FAMILY_DEEPSEEK_V3, "deepseek_v3", "mlp", {"gate_proj", "up_proj", "down_proj"},
-     "n_routed_experts", "moe_intermediate_size", MOE_SHARED_PLAIN},
+     "n_routed_experts", "moe_intermediate_size", MOE_SHARED_PLAIN, DECODER_NAMES},
+    /* The T5 layout: layer 1 of an encoder block is its feed-forward part,
+     * and each expert is a dense wi, activation, wo block. */
+    {MOE_FAMILY_SWITCH_TRANSFORMERS, "switch_transformers", "layer.1.mlp",
+     {"wi", NULL, "wo"}, "num_experts", "d_ff", MOE_SHARED_NONE, "encoder.block",
+     "router.classifier", "expert_", "d_model", "num_layers"},
 };
 
 const struct moe_family *moe_family_find(const char *model_type)
@@ -49,33 +56,37 @@ int moe_tensor_name(const struct moe_family *f, int64_t layer,
                     enum moe_tensor_kind kind, int64_t expert, char *buf, size_t size)
 {
     const char *shared = f->shared == MOE_SHARED_GATED ? "shared_expert" : "shared_experts";
+    const char *proj = NULL;
     int n = -1;
     switch (kind) {
     case MOE_TENSOR_ROUTER:
-        n = snprintf(buf, size, "model.layers.%" PRId64 ".%s.gate.weight", layer, f->block);
+        n = snprintf(buf, size, "%s.%" PRId64 ".%s.%s.weight", f->layer_prefix, layer,
+                     f->block, f->router);
         break;
     case MOE_TENSOR_SCORE_BIAS:
         if (f->id == MOE_FAMILY_DEEPSEEK_V3)
-            n = snprintf(buf, size, "model.layers.%" PRId64 ".%s.gate.e_score_correction_bias",
-                         layer, f->block);
+            n = snprintf(buf, size, "%s.%" PRId64 ".%s.%s.e_score_correction_bias",
+                         f->layer_prefix, layer, f->block, f->router);
         break;
     case MOE_TENSOR_EXPERT_GATE:
     case MOE_TENSOR_EXPERT_UP:
     case MOE_TENSOR_EXPERT_DOWN:
-        n = snprintf(buf, size, "model.layers.%" PRId64 ".%s.experts.%" PRId64 ".%s.weight",
-                     layer, f->block, expert, f->proj[kind - MOE_TENSOR_EXPERT_GATE]);
+        proj = f->proj[kind - MOE_TENSOR_EXPERT_GATE];
+        if (proj)
+            n = snprintf(buf, size, "%s.%" PRId64 ".%s.experts.%s%" PRId64 ".%s.weight",
+                         f->layer_prefix, layer, f->block, f->expert_prefix, expert, proj);
         break;
     case MOE_TENSOR_SHARED_GATE:
     case MOE_TENSOR_SHARED_UP:
     case MOE_TENSOR_SHARED_DOWN:
         if (f->shared != MOE_SHARED_NONE)
-            n = snprintf(buf, size, "model.layers.%" PRId64 ".%s.%s.%s.weight", layer,
-                         f->block, shared, f->proj[kind - MOE_TENSOR_SHARED_GATE]);
+            n = snprintf(buf, size, "%s.%" PRId64 ".%s.%s.%s.weight", f->layer_prefix,
+                         layer, f->block, shared, f->proj[kind - MOE_TENSOR_SHARED_GATE]);
         break;
     case MOE_TENSOR_SHARED_EXPERT_GATE:
         if (f->shared == MOE_SHARED_GATED)
-            n = snprintf(buf, size, "model.layers.%" PRId64 ".%s.shared_expert_gate.weight",
-                         layer, f->block);
+            n = snprintf(buf, size, "%s.%" PRId64 ".%s.shared_expert_gate.weight",
+                         f->layer_prefix, layer, f->block);
         break;
     }
     if (n < 0 || (size_t)n >= size)
@@ -235,6 +246,126 @@ static int read_mlp_only_layers(struct moe_model_config *c, const cJSON *root)
     return 0;
 }
 
+/* Reads the optional number field `name`, a loss coefficient, into *out:
+ * NaN when it is missing or null. */
+static int json_coefficient(const struct moe_model_config *c, const cJSON *root,
+                            const char *name, double *out)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, name);
+    *out = NAN;
+    if (!item || cJSON_IsNull(item))
+        return 0;
+    if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble) || item->valuedouble < 0) {
+        char *text = cJSON_PrintUnformatted(item);
+        int rc = moe_fail(-EINVAL, "%s: field '%s' is %.60s, expected a finite number "
+                          "of 0 or more", c->path, name, text ? text : "not a number");
+        free(text);
+        return rc;
+    }
+    *out = item->valuedouble;
+    return 0;
+}
+
+/* The dense_act_fn values moe-ep implements, with transformers' ACT2FN
+ * names: "gelu" is the erf form and "gelu_new" the tanh approximation. */
+static const struct {
+    const char *name;
+    enum moe_activation activation;
+} dense_activations[] = {
+    {"relu", MOE_ACT_RELU},
+    {"gelu", MOE_ACT_GELU},
+    {"gelu_new", MOE_ACT_GELU_TANH},
+    {"silu", MOE_ACT_SILU},
+};
+
+int moe_activation_from_name(const char *name, enum moe_activation *activation)
+{
+    for (size_t i = 0; i < sizeof dense_activations / sizeof dense_activations[0]; i++)
+        if (!strcmp(name, dense_activations[i].name)) {
+            *activation = dense_activations[i].activation;
+            return 0;
+        }
+    return -EINVAL;
+}
+
+const char *moe_activation_name(enum moe_activation activation)
+{
+    for (size_t i = 0; i < sizeof dense_activations / sizeof dense_activations[0]; i++)
+        if (dense_activations[i].activation == activation)
+            return dense_activations[i].name;
+    return "unknown";
+}
+
+static int read_dense_act_fn(struct moe_model_config *c, const cJSON *root)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, "dense_act_fn");
+    /* transformers' SwitchTransformersConfig defaults to "relu" */
+    c->activation = MOE_ACT_RELU;
+    if (!item || cJSON_IsNull(item))
+        return 0;
+    if (!cJSON_IsString(item))
+        return moe_fail(-EINVAL, "%s: field 'dense_act_fn' is not a string", c->path);
+    if (moe_activation_from_name(item->valuestring, &c->activation))
+        return moe_fail(-EINVAL, "%s: field 'dense_act_fn' is \"%.60s\"; moe-ep "
+                        "implements " MOE_DENSE_ACT_NAMES, c->path, item->valuestring);
+    return 0;
+}
+
+/* Reads the step that marks the sparse encoder blocks. transformers'
+ * SwitchTransformersConfig computes num_layers // num_sparse_encoder_layers,
+ * with 3 sparse layers by default and a step of 0 for none. An
+ * encoder_sparse_step in config.json replaces that value, because the base
+ * PretrainedConfig sets every extra config.json key as an attribute after
+ * the computation. */
+static int read_sparse_step(struct moe_model_config *c, const cJSON *root)
+{
+    const int64_t big = INT64_C(1) << 24;
+    const cJSON *step = cJSON_GetObjectItemCaseSensitive(root, "encoder_sparse_step");
+    if (step && !cJSON_IsNull(step)) {
+        c->sparse_step_field = "encoder_sparse_step";
+        return json_int(c, root, "encoder_sparse_step", 1, 0, 0, big,
+                        &c->encoder_sparse_step);
+    }
+    int64_t sparse_layers;
+    int rc = json_int(c, root, "num_sparse_encoder_layers", 0, 3, 0, big, &sparse_layers);
+    if (rc)
+        return rc;
+    c->sparse_step_field = "num_sparse_encoder_layers";
+    c->encoder_sparse_step = sparse_layers > 0 ? c->layers / sparse_layers : 0;
+    return 0;
+}
+
+/* Reads the Switch Transformers fields: top-1 routing by the highest
+ * softmax probability, whose probability is the weight, a capacity of
+ * expert_capacity tokens per expert kept in token order, and dense
+ * experts. */
+static int read_switch_fields(struct moe_model_config *c, const cJSON *root)
+{
+    int rc;
+    const cJSON *bias = cJSON_GetObjectItemCaseSensitive(root, "router_bias");
+    if (bias && !cJSON_IsNull(bias) && !cJSON_IsBool(bias))
+        return moe_fail(-EINVAL, "%s: field 'router_bias' is not true or false", c->path);
+    if (cJSON_IsTrue(bias))
+        return moe_fail(-EINVAL, "%s: field 'router_bias' is true, but moe-ep does not "
+                        "load the router bias (router.classifier.bias), so only layers "
+                        "without one are supported", c->path);
+    const cJSON *selected = cJSON_GetObjectItemCaseSensitive(root, "num_selected_experts");
+    if (selected && !cJSON_IsNull(selected) &&
+        (!cJSON_IsNumber(selected) || selected->valuedouble != 1.0))
+        return moe_fail(-EINVAL, "%s: field 'num_selected_experts' is not 1, but the "
+                        "Switch router of transformers always selects one expert per "
+                        "token", c->path);
+    if ((rc = json_int(c, root, "expert_capacity", 1, 0, 0, INT64_C(1) << 53,
+                       &c->expert_capacity)) ||
+        (rc = json_expect_string(c, root, "router_dtype", "float32")) ||
+        (rc = read_dense_act_fn(c, root)) || (rc = read_sparse_step(c, root)))
+        return rc;
+    c->top_k = 1;
+    c->expert_kind = MOE_EXPERT_DENSE;
+    c->router.renormalize = 0;
+    return 0;
+}
+
 /* Reads the fields of the routed experts, the router and the shared
  * expert, which differ by family. */
 static int read_family_fields(struct moe_model_config *c, const cJSON *root)
@@ -243,20 +374,28 @@ static int read_family_fields(struct moe_model_config *c, const cJSON *root)
     const int64_t big = INT64_C(1) << 24;
     int rc, flag;
     moe_router_default(&c->router);
-
-    if ((rc = json_int(c, root, "num_hidden_layers", 1, 0, 1, big, &c->layers)) ||
-        (rc = json_int(c, root, "hidden_size", 1, 0, 1, big, &c->hidden)) ||
-        (rc = json_int(c, root, f->ffn_field, 1, 0, 1, big, &c->ffn)) ||
-        (rc = json_int(c, root, f->experts_field, 1, 0, 1, MOE_MAX_EXPERTS, &c->experts)) ||
-        (rc = json_int(c, root, "num_experts_per_tok", 1, 0, 1, MOE_MAX_EXPERTS,
-                       &c->top_k)))
-        return rc;
-    if (c->top_k > c->experts)
-        return moe_fail(-EINVAL, "%s: field 'num_experts_per_tok' is %" PRId64
-                        ", more than the %" PRId64 " experts of '%s'", c->path,
-                        c->top_k, c->experts, f->experts_field);
+    c->expert_kind = MOE_EXPERT_SWIGLU;
+    c->activation = MOE_ACT_SILU;
+    c->expert_capacity = -1;
     c->moe_layer_freq = 1;
     c->decoder_sparse_step = 1;
+
+    if ((rc = json_int(c, root, f->layers_field, 1, 0, 1, big, &c->layers)) ||
+        (rc = json_int(c, root, f->hidden_field, 1, 0, 1, big, &c->hidden)) ||
+        (rc = json_int(c, root, f->ffn_field, 1, 0, 1, big, &c->ffn)) ||
+        (rc = json_int(c, root, f->experts_field, 1, 0, 1, MOE_MAX_EXPERTS, &c->experts)) ||
+        (rc = json_coefficient(c, root, "router_aux_loss_coef", &c->aux_loss_coef)) ||
+        (rc = json_coefficient(c, root, "router_z_loss_coef", &c->z_loss_coef)))
+        return rc;
+    if (f->id != MOE_FAMILY_SWITCH_TRANSFORMERS) {
+        if ((rc = json_int(c, root, "num_experts_per_tok", 1, 0, 1, MOE_MAX_EXPERTS,
+                           &c->top_k)))
+            return rc;
+        if (c->top_k > c->experts)
+            return moe_fail(-EINVAL, "%s: field 'num_experts_per_tok' is %" PRId64
+                            ", more than the %" PRId64 " experts of '%s'", c->path,
+                            c->top_k, c->experts, f->experts_field);
+    }
 
     switch (f->id) {
     case MOE_FAMILY_MIXTRAL:
@@ -312,6 +451,10 @@ static int read_family_fields(struct moe_model_config *c, const cJSON *root)
         c->router.scaling_factor = (float)scale->valuedouble;
         break;
     }
+    case MOE_FAMILY_SWITCH_TRANSFORMERS:
+        if ((rc = read_switch_fields(c, root)))
+            return rc;
+        break;
     default:
         break;
     }
@@ -410,6 +553,12 @@ int moe_model_is_moe_layer(const struct moe_model_config *c, int64_t layer)
 {
     if (layer < 0 || layer >= c->layers)
         return 0;
+    /* transformers' SwitchTransformersStack: a step of 1 makes every block
+     * sparse, a larger one the blocks B with B mod step = 1. */
+    if (c->family->id == MOE_FAMILY_SWITCH_TRANSFORMERS) {
+        int64_t step = c->encoder_sparse_step;
+        return step == 1 || (step > 1 && layer % step == 1);
+    }
     for (int64_t i = 0; i < c->mlp_only_count; i++)
         if (c->mlp_only_layers[i] == layer)
             return 0;
@@ -440,9 +589,26 @@ void moe_model_shape(const struct moe_model_config *c, int64_t tokens,
 
 /* ---- loading a layer -------------------------------------------------- */
 
+/* Explains why encoder block `layer` of a Switch model is not sparse. */
+static int reject_switch_block(const struct moe_model_config *c, int64_t layer)
+{
+    int64_t first = moe_model_first_moe_layer(c);
+    char next[96] = "the model has no sparse encoder block";
+    if (first >= 0)
+        snprintf(next, sizeof next, "the first sparse encoder block is %" PRId64, first);
+    if (layer < 0 || layer >= c->layers)
+        return moe_fail(-EINVAL, "invalid --layer value %" PRId64 ": %s has %s %" PRId64
+                        "; %s", layer, c->path, c->family->layers_field, c->layers, next);
+    return moe_fail(-EINVAL, "invalid --layer value %" PRId64 ": encoder block %" PRId64
+                    " of this switch_transformers model is dense (see '%s' in %s); %s",
+                    layer, layer, c->sparse_step_field, c->path, next);
+}
+
 /* Explains why `layer` is not a MoE layer. */
 static int reject_layer(const struct moe_model_config *c, int64_t layer)
 {
+    if (c->family->id == MOE_FAMILY_SWITCH_TRANSFORMERS)
+        return reject_switch_block(c, layer);
     int64_t first = moe_model_first_moe_layer(c);
     char next[96] = "the model has no MoE layer";
     if (first >= 0)
@@ -493,8 +659,8 @@ static int read_layer(struct moe_st_model *st, const struct moe_model_config *c,
     for (int64_t e = 0; e < E; e++) {
         if ((rc = read_tensor(st, c, layer, MOE_TENSOR_EXPERT_GATE, e, 2, F, H,
                               w->w1 + e * F * H)) ||
-            (rc = read_tensor(st, c, layer, MOE_TENSOR_EXPERT_UP, e, 2, F, H,
-                              w->w3 + e * F * H)) ||
+            (w->w3 && (rc = read_tensor(st, c, layer, MOE_TENSOR_EXPERT_UP, e, 2, F, H,
+                                        w->w3 + e * F * H))) ||
             (rc = read_tensor(st, c, layer, MOE_TENSOR_EXPERT_DOWN, e, 2, H, F,
                               w->w2 + e * H * F)))
             return rc;
@@ -534,6 +700,16 @@ int moe_model_load_layer(const char *dir, const struct moe_model_config *c,
                            c->family->shared == MOE_SHARED_GATED);
     if (rc == 0) {
         w->router = c->router;
+        w->expert_kind = c->expert_kind;
+        w->activation = c->activation;
+        w->capacity.limit = c->expert_capacity;
+        w->capacity.policy = MOE_DROP_POSITION;
+        w->aux_loss_coef = c->aux_loss_coef;
+        w->z_loss_coef = c->z_loss_coef;
+        if (w->expert_kind == MOE_EXPERT_DENSE) {
+            free(w->w3);
+            w->w3 = NULL;
+        }
         rc = read_layer(st, c, layer, w);
         if (rc)
             moe_weights_free(w);

@@ -159,6 +159,15 @@ Test(model, deepseek_v3_on_1_to_8_ranks, .timeout = 120)
     check_family_on_all_rank_counts((const char *[]){"--family", "deepseek_v3", NULL});
 }
 
+/* The default expert_capacity of 64 drops nothing from 70 tokens, so this
+ * runs Switch's routing and dense experts without drops. The committed
+ * layer of test_switch.c drops tokens. */
+Test(model, switch_transformers_on_1_to_8_ranks, .timeout = 120)
+{
+    check_family_on_all_rank_counts(
+        (const char *[]){"--family", "switch_transformers", "--layer", "1", NULL});
+}
+
 Test(model, deepseek_v3_fp8_sharded, .timeout = 120)
 {
     check_family_on_all_rank_counts(
@@ -721,6 +730,13 @@ Test(model, olmoe_matches_torch, .timeout = 30)
 Test(model, deepseek_v3_matches_torch, .timeout = 30)
 {
     check_torch_vectors("deepseek_v3");
+}
+
+/* The Switch layer drops 6 of its 32 tokens, and test_switch.c also
+ * checks which ones, on 1 to 4 ranks. */
+Test(model, switch_transformers_matches_torch, .timeout = 30)
+{
+    check_torch_vectors("switch_transformers");
 }
 
 /* ---- compare on real dumps -------------------------------------------------- */

@@ -8,9 +8,14 @@ Each LAYER_DIR contains config.json, the weights as model.safetensors (or as
 shards listed by model.safetensors.index.json) and tokens.npy, a (T, H)
 float32 array of layer inputs. For each directory this script writes
 
-    expected_output.npy    (T, H) '<f8', the layer output
-    expected_topk_ids.npy  (T, K) '<i4', the selected experts of each token,
-                           in order of decreasing selection score
+    expected_output.npy       (T, H) '<f8', the layer output
+    expected_topk_ids.npy     (T, K) '<i4', the selected experts of each
+                              token, in order of decreasing selection score
+    expected_aux_losses.json  the router's load-balancing loss and z-loss,
+                              and both times the config's coefficients
+    expected_kept.npy         (T, K) '|b1', false for an assignment that the
+                              expert capacity dropped; written only for a
+                              family with a capacity (switch_transformers)
 
 and prints the smallest gap, over all tokens, between the K-th and the
 (K+1)-th selection score. A gap below --min-gap (default 1e-4) means that
@@ -58,7 +63,17 @@ MAX_HEADER_BYTES = 100_000_000
 
 ITEM_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "switch_transformers")
+
+# The dense_act_fn values of Switch Transformers, by their transformers
+# ACT2FN names, as float64 functions: "gelu" is the exact erf form and
+# "gelu_new" the tanh approximation.
+DENSE_ACTIVATIONS = {
+    "relu": lambda v: torch.clamp(v, min=0.0),
+    "gelu": lambda v: 0.5 * v * (1.0 + torch.erf(v / math.sqrt(2.0))),
+    "gelu_new": lambda v: 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3))),
+    "silu": lambda v: v * torch.sigmoid(v),
+}
 
 
 class InputError(Exception):
@@ -366,6 +381,12 @@ class LayerSpec:
     first_k_dense_replace: int = 0
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple = ()
+    dense_act_fn: str = ""  # Switch Transformers' expert activation, or "" for SwiGLU experts
+    expert_capacity: int = -1  # assignments each expert keeps in token order, or -1 for no limit
+    encoder_sparse_step: int = 0  # Switch Transformers: which encoder blocks are sparse
+    sparse_step_field: str = ""  # the config field encoder_sparse_step came from
+    aux_loss_coef: float = None  # router_aux_loss_coef, or None when absent
+    z_loss_coef: float = None  # router_z_loss_coef, or None when absent
 
 
 class ConfigReader:
@@ -400,6 +421,15 @@ class ConfigReader:
             raise InputError(f"{self.path}: field {field} = {value!r}, expected a finite number > 0")
         return float(value)
 
+    def coefficient(self, field):
+        """Return an optional loss coefficient, or None when it is missing or null."""
+        value = self.value(field, default=None, required=False)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise InputError(f"{self.path}: field {field} = {value!r}, expected a finite number >= 0")
+        return float(value)
+
     def int_list(self, field):
         value = self.value(field, default=[], required=False)
         if not isinstance(value, list) or not all(is_int(v) and v >= 0 for v in value):
@@ -412,6 +442,12 @@ def read_layer_spec(path):
     family = reader.value("model_type")
     if family not in FAMILIES:
         raise InputError(f"{path}: field model_type = {family!r}, expected one of {', '.join(FAMILIES)}")
+
+    if family == "switch_transformers":
+        spec = read_switch_spec(reader)
+        spec.aux_loss_coef = reader.coefficient("router_aux_loss_coef")
+        spec.z_loss_coef = reader.coefficient("router_z_loss_coef")
+        return spec
 
     hidden = reader.integer("hidden_size")
     if family == "mixtral":
@@ -451,7 +487,64 @@ def read_layer_spec(path):
 
     if spec.top_k > spec.experts:
         raise InputError(f"{path}: num_experts_per_tok = {spec.top_k} exceeds the {spec.experts} experts")
+    spec.aux_loss_coef = reader.coefficient("router_aux_loss_coef")
+    spec.z_loss_coef = reader.coefficient("router_z_loss_coef")
     return spec
+
+
+def read_switch_spec(reader):
+    """Read a Switch Transformers config (SwitchTransformersConfig of transformers).
+
+    The router selects one expert, and its weight is that expert's softmax
+    probability. Only encoder blocks are read, so only the encoder fields
+    count.
+    """
+    path = reader.path
+    # As in moe-ep, a null field counts as absent.
+    router_bias = reader.value("router_bias", default=None, required=False)
+    if router_bias is not None and router_bias is not False:
+        raise InputError(f"{path}: field router_bias = {router_bias!r}, but only false is supported")
+    router_dtype = reader.value("router_dtype", default=None, required=False)
+    if router_dtype is not None and router_dtype != "float32":
+        raise InputError(f"{path}: field router_dtype = {router_dtype!r}, but only 'float32' is supported")
+    selected = reader.value("num_selected_experts", default=None, required=False)
+    if selected is not None and (isinstance(selected, bool) or not isinstance(selected, (int, float)) or selected != 1):
+        raise InputError(f"{path}: field num_selected_experts = {selected!r}, but the Switch router selects 1 expert")
+    activation = reader.value("dense_act_fn", default=None, required=False)
+    if activation is None:
+        activation = "relu"  # SwitchTransformersConfig's default
+    if activation not in DENSE_ACTIVATIONS:
+        raise InputError(
+            f"{path}: field dense_act_fn = {activation!r}, expected one of {', '.join(DENSE_ACTIVATIONS)}"
+        )
+
+    num_layers = reader.integer("num_layers")
+    # transformers computes num_layers // num_sparse_encoder_layers (0 when
+    # there are no sparse layers), but a config.json that sets
+    # encoder_sparse_step overrides it, because PretrainedConfig sets every
+    # extra key as an attribute after SwitchTransformersConfig.__init__ ran.
+    if reader.value("encoder_sparse_step", default=None, required=False) is not None:
+        step_field = "encoder_sparse_step"
+        step = reader.integer(step_field, minimum=0)
+    else:
+        step_field = "num_sparse_encoder_layers"
+        sparse_layers = 3  # SwitchTransformersConfig's default
+        if reader.value(step_field, default=None, required=False) is not None:
+            sparse_layers = reader.integer(step_field, minimum=0)
+        step = num_layers // sparse_layers if sparse_layers > 0 else 0
+
+    return LayerSpec(
+        "switch_transformers",
+        hidden=reader.integer("d_model"),
+        ffn=reader.integer("d_ff"),
+        experts=reader.integer("num_experts"),
+        top_k=1,
+        renormalize=False,
+        dense_act_fn=activation,
+        expert_capacity=reader.integer("expert_capacity", minimum=0),
+        encoder_sparse_step=step,
+        sparse_step_field=step_field,
+    )
 
 
 def read_deepseek_v3_spec(reader, hidden):
@@ -501,6 +594,13 @@ def read_deepseek_v3_spec(reader, hidden):
 
 def dense_layer_reason(spec, layer):
     """Return why `layer` has a dense MLP in place of experts, or None."""
+    if spec.family == "switch_transformers":
+        # SwitchTransformersStack: every block is sparse for a step of 1, and
+        # for a larger step the blocks B with B mod step = 1.
+        step = spec.encoder_sparse_step
+        if step == 1 or (step > 1 and layer % step == 1):
+            return None
+        return f"encoder block {layer} is not sparse with encoder_sparse_step = {step} (from {spec.sparse_step_field})"
     if spec.family == "deepseek_v3" and layer < spec.first_k_dense_replace:
         return f"layer {layer} < first_k_dense_replace = {spec.first_k_dense_replace}"
     if spec.family in ("qwen2_moe", "qwen3_moe"):
@@ -516,22 +616,32 @@ def dense_layer_reason(spec, layer):
 
 @dataclasses.dataclass
 class LayerTensors:
+    module: str  # name prefix of the MoE module, ending in "."
     gate: str
     gate_bias: str  # DeepSeek-V3's e_score_correction_bias, or "" for other families
     expert_prefix: str  # the expert index and the projection names follow it
-    projections: tuple  # (gate projection, up projection, down projection)
+    projections: tuple  # (gate, up, down) projections of a SwiGLU expert, or (wi, wo) of a dense one
     shared: tuple  # names of the shared FFN (gate, up, down), or () for none
     shared_gate: str  # Qwen2-MoE's sigmoid gate of the shared expert, or ""
+    dense_marker: str  # a tensor that exists when the layer has a dense MLP instead
 
     def expert(self, e):
         return tuple(f"{self.expert_prefix}{e}.{p}.weight" for p in self.projections)
 
 
 def layer_tensor_names(spec, layer):
+    if spec.family == "switch_transformers":
+        moe = f"encoder.block.{layer}.layer.1.mlp"
+        return LayerTensors(
+            f"{moe}.", f"{moe}.router.classifier.weight", "", f"{moe}.experts.expert_", ("wi", "wo"), (), "",
+            f"{moe}.wi.weight",
+        )
+
     p = f"model.layers.{layer}"
+    dense = f"{p}.mlp.gate_proj.weight"
     if spec.family == "mixtral":
         moe = f"{p}.block_sparse_moe"
-        return LayerTensors(f"{moe}.gate.weight", "", f"{moe}.experts.", ("w1", "w3", "w2"), (), "")
+        return LayerTensors(f"{moe}.", f"{moe}.gate.weight", "", f"{moe}.experts.", ("w1", "w3", "w2"), (), "", dense)
 
     swiglu = ("gate_proj", "up_proj", "down_proj")
     shared, shared_gate, bias = (), "", ""
@@ -542,18 +652,25 @@ def layer_tensor_names(spec, layer):
         bias = f"{p}.mlp.gate.e_score_correction_bias"
         if spec.shared_ffn > 0:
             shared = tuple(f"{p}.mlp.shared_experts.{n}.weight" for n in swiglu)
-    return LayerTensors(f"{p}.mlp.gate.weight", bias, f"{p}.mlp.experts.", swiglu, shared, shared_gate)
+    return LayerTensors(
+        f"{p}.mlp.", f"{p}.mlp.gate.weight", bias, f"{p}.mlp.experts.", swiglu, shared, shared_gate, dense
+    )
 
 
-LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+DECODER_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+ENCODER_BLOCK_NAME = re.compile(r"^encoder\.block\.(\d+)\.")
 
 
-def pick_layer(checkpoint, requested):
-    found = sorted({int(m.group(1)) for m in map(LAYER_NAME.match, checkpoint.names()) if m})
+def pick_layer(checkpoint, spec, requested):
+    if spec.family == "switch_transformers":
+        pattern, prefix = ENCODER_BLOCK_NAME, "encoder.block"
+    else:
+        pattern, prefix = DECODER_LAYER_NAME, "model.layers"
+    found = sorted({int(m.group(1)) for m in map(pattern.match, checkpoint.names()) if m})
     if requested is not None:
         if requested not in found:
             raise InputError(
-                f"{checkpoint.source}: no tensor model.layers.{requested}.* found (layers present: {found})"
+                f"{checkpoint.source}: no tensor {prefix}.{requested}.* found (layers present: {found})"
             )
         return requested
     if len(found) != 1:
@@ -570,20 +687,18 @@ def check_layer_tensors(checkpoint, spec, layer, names):
     are checked, so a directory may also contain the layer's attention weights.
     """
     h, f, e = spec.hidden, spec.ffn, spec.experts
-    if checkpoint.shape(names.gate) is None:
-        dense = f"model.layers.{layer}.mlp.gate_proj.weight"
-        if checkpoint.shape(dense) is not None:
-            raise InputError(
-                f"{checkpoint.source}: layer {layer} is a dense MLP layer ({dense} exists), not an MoE layer"
-            )
+    if checkpoint.shape(names.gate) is None and checkpoint.shape(names.dense_marker) is not None:
+        raise InputError(
+            f"{checkpoint.source}: layer {layer} is a dense MLP layer ({names.dense_marker} exists), not an MoE layer"
+        )
     checkpoint.require_tensor(names.gate, (e, h))
     if names.gate_bias:
         checkpoint.require_tensor(names.gate_bias, (e,))
+    # Every projection but the last maps H to F; the last maps F back to H.
+    shapes = [(f, h)] * (len(names.projections) - 1) + [(h, f)]
     for expert in range(e):
-        gate_proj, up_proj, down_proj = names.expert(expert)
-        checkpoint.require_tensor(gate_proj, (f, h))
-        checkpoint.require_tensor(up_proj, (f, h))
-        checkpoint.require_tensor(down_proj, (h, f))
+        for name, shape in zip(names.expert(expert), shapes):
+            checkpoint.require_tensor(name, shape)
     if names.shared:
         checkpoint.require_tensor(names.shared[0], (spec.shared_ffn, h))
         checkpoint.require_tensor(names.shared[1], (spec.shared_ffn, h))
@@ -594,9 +709,8 @@ def check_layer_tensors(checkpoint, spec, layer, names):
     # Every tensor under the MoE module must be one of those checked above,
     # so that a config that disagrees with the tensors (more experts, a
     # shared expert the family lacks) fails here instead of being ignored.
-    module_prefix = names.gate.rsplit(".gate.weight", 1)[0] + "."
     for name in checkpoint.names():
-        if name.startswith(module_prefix) and name not in checkpoint.checked:
+        if name.startswith(names.module) and name not in checkpoint.checked:
             base = name.removesuffix("_scale_inv")
             if base == name or base not in checkpoint.checked:
                 raise InputError(
@@ -671,27 +785,70 @@ def route_deepseek_v3(spec, logits, correction_bias):
     return ids, weights, gaps
 
 
+def keep_by_position(ids, experts, capacity):
+    """Return (T, K) bools: an assignment is kept when fewer than `capacity`
+    assignments to the same expert come before it in token order (and, within
+    a token, slot order). The whole batch counts as one sequence. A negative
+    capacity keeps everything."""
+    if capacity < 0:
+        return torch.ones(ids.shape, dtype=torch.bool)
+    flat = ids.reshape(-1)
+    one_hot = torch.nn.functional.one_hot(flat.long(), experts)
+    # The 1-based position of each assignment among those of its expert.
+    position = torch.cumsum(one_hot, dim=0).gather(1, flat.long().unsqueeze(1)).squeeze(1)
+    return (position <= capacity).reshape(ids.shape)
+
+
 def swiglu_ffn(x, w_gate, w_up, w_down):
     """FFN(x) = W_down (silu(W_gate x) * (W_up x)), with silu(v) = v * sigmoid(v)."""
     gate = x @ w_gate.T
     return ((gate * torch.sigmoid(gate)) * (x @ w_up.T)) @ w_down.T
 
 
+def dense_ffn(activation, x, wi, wo):
+    """Switch Transformers' expert: FFN(x) = wo act(wi x)."""
+    return DENSE_ACTIVATIONS[activation](x @ wi.T) @ wo.T
+
+
+def aux_losses(spec, logits, ids):
+    """Return the router's (load-balancing loss, z-loss) in float64.
+
+    load balance = E * sum_e f_e * P_e, where f_e is the fraction of the T*K
+    assignments routed to expert e, counted before any drop, and P_e is the
+    mean over tokens of softmax(logits)_e, whatever the family's scoring.
+    z-loss = the mean over tokens of logsumexp(logits)^2.
+    """
+    tokens, experts = logits.shape
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=experts).to(torch.float64)
+    fraction = counts / (tokens * spec.top_k)
+    mean_prob = torch.softmax(logits, dim=1).mean(dim=0)
+    load_balance = experts * float(torch.sum(fraction * mean_prob))
+    z_loss = float(torch.mean(torch.logsumexp(logits, dim=1) ** 2))
+    return load_balance, z_loss
+
+
 def compute_layer(checkpoint, spec, names, x):
-    """Return (output (T, H), expert ids (T, K), gaps) in float64."""
+    """Return (output (T, H), expert ids (T, K), kept (T, K), gaps, aux losses) in float64."""
     logits = x @ checkpoint.load(names.gate).T
     if spec.family == "deepseek_v3":
         ids, weights, gaps = route_deepseek_v3(spec, logits, checkpoint.load(names.gate_bias))
     else:
+        # Switch Transformers is the top-1 case: its weight is the largest
+        # probability, and a tie goes to the lower index as with torch.argmax.
         ids, weights, gaps = route_softmax(spec, logits)
+    kept = keep_by_position(ids, spec.experts, spec.expert_capacity)
 
     # Loading one expert at a time keeps memory at one expert's float64
-    # weights, and experts that no token selected are never read.
+    # weights, and experts that no token selected are never read. A dropped
+    # assignment adds nothing, so a token with no kept assignment outputs 0.
     out = torch.zeros_like(x)
-    for expert in torch.unique(ids).tolist():
-        token_idx, slot = torch.nonzero(ids == expert, as_tuple=True)
-        w_gate, w_up, w_down = (checkpoint.load(n) for n in names.expert(expert))
-        y = swiglu_ffn(x[token_idx], w_gate, w_up, w_down)
+    for expert in torch.unique(ids[kept]).tolist():
+        token_idx, slot = torch.nonzero((ids == expert) & kept, as_tuple=True)
+        weights_e = [checkpoint.load(n) for n in names.expert(expert)]
+        if spec.dense_act_fn:
+            y = dense_ffn(spec.dense_act_fn, x[token_idx], *weights_e)
+        else:
+            y = swiglu_ffn(x[token_idx], *weights_e)
         out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(1))
 
     if names.shared:
@@ -699,7 +856,7 @@ def compute_layer(checkpoint, spec, names, x):
         if names.shared_gate:
             shared = shared * torch.sigmoid(x @ checkpoint.load(names.shared_gate).T)
         out = out + shared
-    return out, ids, gaps
+    return out, ids, kept, gaps, aux_losses(spec, logits, ids)
 
 
 # ---- files ---------------------------------------------------------------------
@@ -725,16 +882,18 @@ def load_tokens(path, hidden):
     return torch.from_numpy(tokens.astype(np.float64))
 
 
-def save_npy_files_atomic(files):
-    """Write each (path, array) through a temporary file, then rename them all.
+def save_files_atomic(files):
+    """Write each (path, content) through a temporary file, then rename them all.
 
+    A content is a numpy array, saved as .npy, or bytes, written as they are.
     Renaming only after every temporary file is complete means a failed write
     leaves the old outputs, if any, in place.
     """
     written = []
     try:
-        for path, array in files:
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=os.path.dirname(path) or ".")
+        for path, content in files:
+            suffix = os.path.splitext(path)[1]
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=os.path.dirname(path) or ".")
             written.append(tmp)
             # mkstemp creates the file 0600; give it the mode a plain
             # open() would, 0666 less the umask.
@@ -742,7 +901,10 @@ def save_npy_files_atomic(files):
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)
             with os.fdopen(fd, "wb") as f:
-                np.save(f, array, allow_pickle=False)
+                if isinstance(content, bytes):
+                    f.write(content)
+                else:
+                    np.save(f, content, allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
         for (path, _), tmp in zip(files, written):
@@ -754,6 +916,25 @@ def save_npy_files_atomic(files):
 
 
 # ---- driver --------------------------------------------------------------------
+
+
+def aux_losses_json(spec, losses):
+    """Return expected_aux_losses.json: the two losses, the config's
+    coefficients (null when absent) and each loss times its coefficient."""
+    load_balance, z_loss = losses
+
+    def scaled(value, coef):
+        return None if coef is None else value * coef
+
+    record = {
+        "load_balance": load_balance,
+        "z_loss": z_loss,
+        "router_aux_loss_coef": spec.aux_loss_coef,
+        "router_z_loss_coef": spec.z_loss_coef,
+        "load_balance_scaled": scaled(load_balance, spec.aux_loss_coef),
+        "z_loss_scaled": scaled(z_loss, spec.z_loss_coef),
+    }
+    return (json.dumps(record, indent=2) + "\n").encode("utf-8")
 
 
 def format_gap(label, gap):
@@ -770,7 +951,7 @@ def process_layer_dir(directory, requested_layer, min_gap):
     """
     spec = read_layer_spec(os.path.join(directory, "config.json"))
     checkpoint = Checkpoint(directory)
-    layer = pick_layer(checkpoint, requested_layer)
+    layer = pick_layer(checkpoint, spec, requested_layer)
     reason = dense_layer_reason(spec, layer)
     if reason:
         raise InputError(f"{directory}/config.json: {reason}, so it is a dense MLP layer, not an MoE layer")
@@ -778,13 +959,17 @@ def process_layer_dir(directory, requested_layer, min_gap):
     check_layer_tensors(checkpoint, spec, layer, names)
     x = load_tokens(os.path.join(directory, "tokens.npy"), spec.hidden)
 
-    out, ids, gaps = compute_layer(checkpoint, spec, names, x)
+    out, ids, kept, gaps, losses = compute_layer(checkpoint, spec, names, x)
 
     k = spec.top_k
     print(f"{directory}: {spec.family} layer {layer}, {x.shape[0]} tokens, top-{k} of {spec.experts} experts")
     print(format_gap(f"selection scores {k} and {k + 1}", gaps["expert"]))
     if "group" in gaps:
         print(format_gap(f"group scores {spec.topk_group} and {spec.topk_group + 1}", gaps["group"]))
+    if spec.expert_capacity >= 0:
+        dropped = int((~kept).sum())
+        print(f"  expert capacity {spec.expert_capacity}: {dropped} of {kept.numel()} assignments dropped")
+    print(f"  load-balancing loss {losses[0]!r}, z-loss {losses[1]!r}")
 
     too_close = [(kind, gap) for kind, gap in gaps.items() if gap[0] < min_gap]
     if too_close:
@@ -796,26 +981,31 @@ def process_layer_dir(directory, requested_layer, min_gap):
             )
         return 1
 
-    save_npy_files_atomic(
-        [
-            (os.path.join(directory, "expected_output.npy"), out.numpy().astype("<f8")),
-            (os.path.join(directory, "expected_topk_ids.npy"), ids.numpy().astype("<i4")),
-        ]
-    )
-    print(f"  wrote expected_output.npy {tuple(out.shape)} and expected_topk_ids.npy {tuple(ids.shape)}")
+    files = [
+        (os.path.join(directory, "expected_output.npy"), out.numpy().astype("<f8")),
+        (os.path.join(directory, "expected_topk_ids.npy"), ids.numpy().astype("<i4")),
+        (os.path.join(directory, "expected_aux_losses.json"), aux_losses_json(spec, losses)),
+    ]
+    if spec.expert_capacity >= 0:
+        files.append((os.path.join(directory, "expected_kept.npy"), kept.numpy().astype("|b1")))
+    save_files_atomic(files)
+    print(f"  wrote {', '.join(os.path.basename(path) for path, _ in files)}")
     return 0
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Write float64 golden vectors (expected_output.npy, expected_topk_ids.npy) "
-        "for one MoE layer in each LAYER_DIR."
+        description="Write float64 golden vectors (expected_output.npy, expected_topk_ids.npy, "
+        "expected_aux_losses.json and, with a capacity, expected_kept.npy) for one MoE layer in each LAYER_DIR."
     )
     parser.add_argument(
         "layer_dirs", nargs="+", metavar="LAYER_DIR", help="directory with config.json, safetensors and tokens.npy"
     )
     parser.add_argument(
-        "--layer", type=int, help="layer index L of the tensors model.layers.L.* (default: the only layer present)"
+        "--layer",
+        type=int,
+        help="layer index L of the tensors model.layers.L.*, or encoder.block.L.* for switch_transformers "
+        "(default: the only layer present)",
     )
     parser.add_argument(
         "--min-gap",
