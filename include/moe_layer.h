@@ -372,8 +372,10 @@ void moe_golden_info_free(struct moe_golden_info *info);
  * precision, used to test the golden path. out is (T, H) doubles, ids
  * (T, K). topk_gap (T) receives, per token, the probability gap between the
  * K-th and the (K+1)-th expert, which measures how close the selection came
- * to a tie (1.0 when K == E). Returns 0, -EINVAL for an invalid shape, or
- * -ENOMEM. */
+ * to a tie (1.0 when K == E). It covers SwiGLU and dense experts, the
+ * gate bias and every router, but not a capacity, which ranks assignments
+ * across tokens. Returns 0, -EINVAL for an invalid shape or a layer with
+ * a capacity, or -ENOMEM. */
 int moe_reference_forward(const struct moe_weights *weights, const float *x,
                           double *out, int32_t *ids, double *topk_gap);
 

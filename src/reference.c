@@ -181,19 +181,40 @@ static double reference_silu(double v)
     return v / (1.0 + exp(-v));
 }
 
-/* Runs one SwiGLU FFN on one token: y (H) = w2 . (silu(w1 . x) * (w3 . x)),
- * with w1, w3 (F, H) and w2 (H, F). */
+/* Applies a dense expert's activation in double precision. */
+static double reference_activate(enum moe_activation act, double v)
+{
+    switch (act) {
+    case MOE_ACT_RELU:
+        return v > 0.0 ? v : 0.0;
+    case MOE_ACT_GELU:
+        return 0.5 * v * (1.0 + erf(v / sqrt(2.0)));
+    case MOE_ACT_GELU_TANH:
+        return 0.5 * v * (1.0 + tanh(sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
+    case MOE_ACT_SILU:
+    default:
+        return reference_silu(v);
+    }
+}
+
+/* Runs one FFN on one token: y (H) = w2 . (silu(w1 . x) * (w3 . x)), with
+ * w1, w3 (F, H) and w2 (H, F), or y = w2 . act(w1 . x) when w3 is NULL
+ * (a dense expert). */
 static void reference_ffn(const float *w1, const float *w3, const float *w2,
-                          int64_t hidden, int64_t ffn, const float *x,
-                          double *hidden_act, double *y)
+                          enum moe_activation act, int64_t hidden, int64_t ffn,
+                          const float *x, double *hidden_act, double *y)
 {
     for (int64_t f = 0; f < ffn; f++) {
         double gate_proj = 0.0, up_proj = 0.0;
         for (int64_t h = 0; h < hidden; h++) {
             gate_proj += (double)w1[f * hidden + h] * (double)x[h];
-            up_proj += (double)w3[f * hidden + h] * (double)x[h];
+            if (w3)
+                up_proj += (double)w3[f * hidden + h] * (double)x[h];
         }
-        hidden_act[f] = reference_silu(gate_proj) * up_proj;
+        if (w3)
+            hidden_act[f] = reference_silu(gate_proj) * up_proj;
+        else
+            hidden_act[f] = reference_activate(act, gate_proj);
     }
 
     for (int64_t h = 0; h < hidden; h++) {
@@ -225,6 +246,12 @@ int moe_reference_forward(const struct moe_weights *weights, const float *x,
     int rc = check_shape(s);
     if (rc < 0)
         return rc;
+    /* The capacity rule ranks assignments across tokens, which this
+     * token-by-token reference does not do; tools/torch_reference.py covers
+     * layers with a capacity. */
+    if (weights->capacity.limit >= 0)
+        return moe_fail(-EINVAL, "moe_reference_forward: layers with an expert "
+                        "capacity (%lld) are not covered", (long long)weights->capacity.limit);
 
     int64_t hidden = s->hidden, experts = s->experts, top_k = s->top_k;
     int64_t widest = s->ffn > s->shared_ffn ? s->ffn : s->shared_ffn;
@@ -255,6 +282,8 @@ int moe_reference_forward(const struct moe_weights *weights, const float *x,
             double logit = 0.0;
             for (int64_t h = 0; h < hidden; h++)
                 logit += (double)x_t[h] * (double)weights->gate[e * hidden + h];
+            if (weights->gate_bias)
+                logit += (double)weights->gate_bias[e];
             scratch.logits[e] = logit;
         }
         topk_gap[t] = reference_route(weights, &scratch, ids_t, slot_weights);
@@ -265,8 +294,10 @@ int moe_reference_forward(const struct moe_weights *weights, const float *x,
             out_t[h] = 0.0;
         for (int64_t k = 0; k < top_k; k++) {
             int64_t e = ids_t[k];
-            reference_ffn(weights->w1 + e * F * hidden, weights->w3 + e * F * hidden,
-                          weights->w2 + e * hidden * F, hidden, F, x_t, scratch.hidden,
+            const float *w3 = weights->expert_kind == MOE_EXPERT_DENSE
+                                  ? NULL : weights->w3 + e * F * hidden;
+            reference_ffn(weights->w1 + e * F * hidden, w3, weights->w2 + e * hidden * F,
+                          weights->activation, hidden, F, x_t, scratch.hidden,
                           scratch.expert_y);
             for (int64_t h = 0; h < hidden; h++)
                 out_t[h] += slot_weights[k] * scratch.expert_y[h];
@@ -275,6 +306,7 @@ int moe_reference_forward(const struct moe_weights *weights, const float *x,
         /* The shared expert, scaled by its sigmoid gate if it has one. */
         if (s->shared_ffn > 0) {
             reference_ffn(weights->shared_w1, weights->shared_w3, weights->shared_w2,
+                          MOE_ACT_SILU,
                           hidden, s->shared_ffn, x_t, scratch.hidden, scratch.expert_y);
             double gate = 1.0;
             if (weights->shared_gate) {

@@ -23,8 +23,9 @@ static void print_layer(FILE *out, const struct moe_run_result *r)
     const struct moe_run_options *o = &r->options;
     const struct moe_router *router = &r->router;
     if (o->model_dir)
-        fprintf(out, "  layer: %s layer %" PRId64 " of %s\n", r->family, r->layer,
-                o->model_dir);
+        fprintf(out, "  layer: %s %s %" PRId64 " of %s\n", r->family,
+                !strcmp(r->family, "switch_transformers") ? "encoder block" : "layer",
+                r->layer, o->model_dir);
     else
         fprintf(out, "  layer: random weights, seed %" PRIu64 "\n", o->seed);
     fprintf(out, "  router: %s, renormalize %s, scaling factor %g",

@@ -505,8 +505,10 @@ static int build_model_layer(struct moe_run_result *result, float **tokens,
     struct moe_run_options *o = &result->options;
     struct moe_model_config config;
     int rc = moe_model_read_config(o->model_dir, &config);
-    if (rc)
+    if (rc == -ENOMEM)
         return rc;
+    if (rc) /* the message names config.json; add the flag it came from */
+        return moe_fail(rc, "invalid --model '%s': %s", o->model_dir, moe_error_message());
     int64_t layer = o->layer >= 0 ? o->layer : moe_model_first_moe_layer(&config);
     if (layer < 0) {
         rc = moe_fail(-EINVAL, "invalid --model '%s': %s describes no MoE layer",
