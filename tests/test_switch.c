@@ -457,7 +457,7 @@ Test(switch, dense_block_exits_2, .timeout = 30)
     /* Without --layer the first sparse block runs. */
     run_model(&o, dir, NULL);
     cr_assert_eq(o.status, 0, "%s", o.err);
-    cr_assert_not_null(strstr(o.out, "switch_transformers layer 1"), "%s", o.out);
+    cr_assert_not_null(strstr(o.out, "switch_transformers encoder block 1"), "%s", o.out);
 
     /* No sparse block at all. */
     snprintf(path, sizeof path, "%s/config.json", dir);
@@ -598,6 +598,6 @@ Test(switch, switch_base_8_preset, .timeout = 30)
     struct outcome o;
     run_model(&o, dir, NULL);
     cr_assert_eq(o.status, 0, "%s", o.err);
-    cr_assert_not_null(strstr(o.out, "switch_transformers layer 1"), "%s", o.out);
+    cr_assert_not_null(strstr(o.out, "switch_transformers encoder block 1"), "%s", o.out);
     remove_tree(dir);
 }
