@@ -21,9 +21,10 @@
  *
  * Failure: when a rank exits non-zero or dies from a signal, the launcher
  * sets the abort flag, which wakes every waiting rank; ranks still alive
- * after a 2-second grace period are killed with SIGKILL. SIGINT and SIGTERM
- * to the launcher do the same and are reported in the result. Ranks die
- * with the launcher (PR_SET_PDEATHSIG) if it is killed outright.
+ * after a 1-second grace period are killed with SIGKILL, so every rank has
+ * stopped within about 1.05 s. SIGINT, SIGTERM and SIGHUP to the launcher
+ * do the same and are reported in the result. Ranks die with the launcher
+ * (PR_SET_PDEATHSIG) if it is killed outright.
  *
  * Hung ranks: a rank that uses no CPU time for the timeout plus 2 seconds
  * is stopped or stuck outside a wait (a waiting rank gives up after the
@@ -35,6 +36,7 @@
 #include "moe_comm.h"
 
 #include <signal.h>
+#include <stdio.h>
 #include <sys/types.h>
 
 /* Exit status of a rank that stopped because another rank failed. */
@@ -60,7 +62,7 @@ struct moe_rank_outcome {
     int exit_status; /* valid when signal == 0 */
     int signal;      /* the signal that killed it, or 0 */
     int step;        /* enum moe_step the rank was in at the end */
-    int killed_after_grace; /* still alive 2 s after the abort, so killed */
+    int killed_after_grace; /* still alive 1 s after the abort, so killed */
     int hung;        /* used no CPU time for timeout + 2 s */
     char hung_state; /* its /proc state letter then: 'T' stopped, 'S' ... */
 };
@@ -107,5 +109,37 @@ void moe_discard_size_limit_signal(void);
  * dispatch", or its error message) into buf. */
 void moe_launch_describe(const struct moe_launch *launch, int rank, char *buf,
                          size_t size);
+
+/* ---- leftover segments (moe-ep clean) ---------------------------------- */
+
+/* Directory in which shm_open() creates its names on Linux with glibc. */
+#define MOE_SHM_DIR "/dev/shm"
+/* Every segment name in MOE_SHM_DIR is this prefix, the launcher's pid in
+ * decimal, '-' and 16 lowercase hex digits of a random nonce. */
+#define MOE_SEGMENT_PREFIX "moe-ep-"
+
+/* Parses a name in MOE_SHM_DIR (without the directory). Returns 0 and sets
+ * *pid when the name has exactly the form above, or -1. */
+int moe_segment_name_pid(const char *name, pid_t *pid);
+
+struct moe_clean_summary {
+    int found;  /* segment names found */
+    int stale;  /* removed, or that would be removed with dry_run */
+    int kept;   /* the process with the launcher pid has the segment open or
+                   mapped, or its open files cannot be read */
+    int failed; /* stale but unlink() failed */
+};
+
+/* Removes the stale segment names in dir_path: those whose launcher pid
+ * does not exist, or is a process that neither has the segment open nor
+ * maps it. Prints one line per name to `out`: what was done and why. With
+ * dry_run it removes nothing and prints "would remove". Returns 0, or
+ * -errno when the directory cannot be read or a name cannot be removed. */
+int moe_clean(const char *dir_path, int dry_run, FILE *out,
+              struct moe_clean_summary *summary);
+
+/* Runs `moe-ep clean` with the arguments after "clean" and returns its exit
+ * status: 0, 2 for invalid usage, 3 when a name could not be removed. */
+int moe_clean_main(int argc, char **argv);
 
 #endif

@@ -24,8 +24,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* Time a rank gets to stop by itself after the abort flag is set. */
-static const int64_t ABORT_GRACE_NS = 2000LL * 1000 * 1000;
+/* Time a rank gets to stop by itself after the abort flag is set. A rank
+ * in a wait stops within microseconds, but one inside an expert GEMM checks
+ * the flag only at its next wait, so the launcher kills it after this
+ * long. With the 20 ms polling slice below, every rank is gone within
+ * about 1.05 s of the failure, well inside the 2 s limit for stopping. */
+static const int64_t ABORT_GRACE_NS = 1000LL * 1000 * 1000;
+
+/* Idle time beyond the timeout after which the CPU-time watchdog calls a
+ * rank hung. A waiting rank gives up by itself at the timeout, so this is
+ * margin for a rank that is slow to exit, not a grace after an abort. */
+static const int64_t HUNG_MARGIN_NS = 2000LL * 1000 * 1000;
 
 /* Creates the shared-memory object, sizes and maps it, and unlinks its
  * name. SIGINT, SIGTERM, SIGHUP and SIGXFSZ are blocked meanwhile, so no
@@ -98,7 +107,7 @@ int moe_launch_create(struct moe_launch *launch,
     uint64_t nonce;
     if (getrandom(&nonce, sizeof nonce, 0) != (ssize_t)sizeof nonce)
         return moe_fail(-errno, "getrandom failed: %s", strerror(errno));
-    snprintf(launch->name, sizeof launch->name, "/moe-ep-%ld-%016llx",
+    snprintf(launch->name, sizeof launch->name, "/" MOE_SEGMENT_PREFIX "%ld-%016llx",
              (long)getpid(), (unsigned long long)nonce);
 
     struct moe_segment_header *h = create_segment(launch, layout.segment_bytes);
@@ -159,11 +168,16 @@ static struct moe_segment_header *attach_segment(int fd, int ranks)
 static void run_rank(struct moe_launch *launch, int rank, pid_t launcher,
                      const sigset_t *original_mask)
 {
-    /* Ctrl-C reaches the whole process group. Only the launcher acts on it,
-     * and it stops the ranks through the abort flag. */
+    /* Ctrl-C and a terminal hangup reach the whole process group. Only the
+     * launcher acts on them, and it stops the ranks through the abort flag.
+     * SIGTERM is unblocked, since the caller of the launcher may block it,
+     * so that a rank can still be terminated on its own. */
     signal(SIGINT, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
     signal(SIGTERM, SIG_DFL);
-    sigprocmask(SIG_SETMASK, original_mask, NULL);
+    sigset_t mask = *original_mask;
+    sigdelset(&mask, SIGTERM);
+    sigprocmask(SIG_SETMASK, &mask, NULL);
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != launcher)
         _exit(MOE_RANK_EXIT_ABORTED); /* the launcher died before prctl */
@@ -231,12 +245,12 @@ static int read_cpu_time(pid_t pid, unsigned long long *ticks, char *state)
 }
 
 /* Watches the ranks' CPU time and marks as hung a rank that has used none
- * for the timeout plus the grace period. Returns the hung rank or -1. */
+ * for the timeout plus HUNG_MARGIN_NS. Returns the hung rank or -1. */
 static int find_hung_rank(struct moe_launch *launch, const int *alive,
                           unsigned long long *last_ticks, int64_t *last_change,
                           int64_t now)
 {
-    int64_t limit = launch->config.timeout_ns + ABORT_GRACE_NS;
+    int64_t limit = launch->config.timeout_ns + HUNG_MARGIN_NS;
     for (int r = 0; r < launch->config.ranks; r++) {
         struct moe_rank_outcome *o = &launch->outcome[r];
         unsigned long long ticks;
@@ -330,7 +344,7 @@ int moe_launch_run(struct moe_launch *launch)
             /* If the launcher itself did not run for a while, because the
              * whole job was stopped, the ranks' idle times are meaningless
              * and start over. */
-            if (last_watch && now - last_watch > 2 * ABORT_GRACE_NS)
+            if (last_watch && now - last_watch > 2 * HUNG_MARGIN_NS)
                 memset(last_change, 0, sizeof last_change);
             last_watch = now;
             int hung = find_hung_rank(launch, alive, last_ticks, last_change, now);
@@ -415,13 +429,13 @@ void moe_launch_describe(const struct moe_launch *launch, int rank, char *buf,
         snprintf(buf, size, "rank %d (pid %ld) used no CPU time for %.3g s in "
                  "%s (process state %c%s), so the launcher killed it", rank,
                  (long)o->pid,
-                 (double)(launch->config.timeout_ns + ABORT_GRACE_NS) / 1e9,
+                 (double)(launch->config.timeout_ns + HUNG_MARGIN_NS) / 1e9,
                  step, o->hung_state,
                  o->hung_state == 'T' || o->hung_state == 't' ? ", stopped" : "");
     else if (o->killed_after_grace)
-        snprintf(buf, size, "rank %d (pid %ld) was still in %s 2 s after the "
-                 "run was aborted, so the launcher killed it", rank,
-                 (long)o->pid, step);
+        snprintf(buf, size, "rank %d (pid %ld) was still in %s %.3g s after "
+                 "the run was aborted, so the launcher killed it", rank,
+                 (long)o->pid, step, (double)ABORT_GRACE_NS / 1e9);
     else if (o->signal)
         snprintf(buf, size, "rank %d (pid %ld) was killed by signal %d (%s) "
                  "in %s", rank, (long)o->pid, o->signal, strsignal(o->signal),
