@@ -110,6 +110,22 @@ void moe_discard_size_limit_signal(void);
 void moe_launch_describe(const struct moe_launch *launch, int rank, char *buf,
                          size_t size);
 
+/* ---- fault injection for tests ------------------------------------------ */
+
+/* Debug fault injection. MOE_EP_FAULT="WHO:STEP:ACTION" makes the process
+ * WHO, on entering STEP, do ACTION. WHO is a rank number, or "launcher"
+ * for the launcher process. The rank steps are route, layout, dispatch,
+ * compute and combine, and the launcher's step is golden, the golden
+ * check that runs after the ranks have exited. ACTION is "stall" (sleep
+ * forever, as a hung process would), "kill" (SIGKILL itself), "segv"
+ * (raise SIGSEGV) or "exit" (exit with status 1 without a message).
+ * Anything unparsable is ignored. */
+void moe_fault_inject(const char *who, const char *step);
+
+/* Returns the name a step has in MOE_EP_FAULT ("layout" for the layout
+ * exchange), or NULL for a step that cannot be named there. */
+const char *moe_step_fault_name(int step);
+
 /* ---- leftover segments (moe-ep clean) ---------------------------------- */
 
 /* Directory in which shm_open() creates its names on Linux with glibc. */

@@ -119,8 +119,9 @@ int moe_npy_write(const char *path, enum moe_npy_dtype dtype, int ndim,
 /* Reads a 2-D float array, the token input (T, H) of `moe-ep run --input`,
  * and converts it to float32. Accepts '<f4', '<f2' and '<f8' in C order.
  * float16 values convert exactly (moe_f16_to_f32), and float64 values are
- * rounded to the nearest float32, ties to even, so values beyond the
- * float32 range become infinities. max_bytes bounds the float32 result,
+ * rounded to the nearest float32, ties to even. A finite float64 beyond
+ * the float32 range is rejected with -EINVAL rather than turned into an
+ * infinity; NaN and infinities pass through. max_bytes bounds the float32 result,
  * rows * cols * 4 bytes, and is checked before allocating. The file is
  * converted in 16 KiB pieces, so no buffer of the file's data size is
  * allocated.

@@ -35,6 +35,7 @@
 #include "moe_dist.h"
 #include "moe_aux.h"
 #include "moe_error.h"
+#include "moe_launch.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -178,37 +179,6 @@ struct moe_dist_rank {
     int64_t trace_capacity;
 };
 
-/* Debug fault injection for tests. MOE_EP_FAULT="RANK:STEP:ACTION" makes
- * rank RANK, on entering step STEP (route, layout, dispatch, compute or
- * combine), do ACTION: "stall" (sleep forever, as a hung rank would),
- * "kill" (SIGKILL itself), "segv" (raise SIGSEGV) or "exit" (exit with
- * status 1 without a message). Anything unparsable is ignored. */
-static void inject_fault(int rank, int step)
-{
-    static const char *const step_names[MOE_STEP_COUNT] = {
-        [MOE_STEP_ROUTE] = "route",       [MOE_STEP_LAYOUT] = "layout",
-        [MOE_STEP_DISPATCH] = "dispatch", [MOE_STEP_COMPUTE] = "compute",
-        [MOE_STEP_COMBINE] = "combine",
-    };
-    const char *spec = getenv("MOE_EP_FAULT");
-    int fault_rank;
-    char fault_step[16], action[16];
-    if (!spec || sscanf(spec, "%d:%15[a-z]:%15[a-z]", &fault_rank, fault_step,
-                        action) != 3)
-        return;
-    if (fault_rank != rank || !step_names[step] || strcmp(fault_step, step_names[step]))
-        return;
-    if (!strcmp(action, "stall"))
-        for (;;)
-            pause();
-    if (!strcmp(action, "kill"))
-        raise(SIGKILL);
-    if (!strcmp(action, "segv"))
-        raise(SIGSEGV);
-    if (!strcmp(action, "exit"))
-        _exit(1);
-}
-
 /* Appends a span to the trace. A wait that starts soon after the last
  * wait span extends that span instead. When the buffer is full, waits
  * extend the last span. */
@@ -247,7 +217,9 @@ static void begin_step(struct moe_dist_rank *f, int step)
 {
     moe_comm_set_step(f->comm, step);
     atomic_store_explicit(&f->slot->step, step, memory_order_release);
-    inject_fault(f->comm->rank, step);
+    char who[16];
+    snprintf(who, sizeof who, "%d", f->comm->rank);
+    moe_fault_inject(who, moe_step_fault_name(step));
     f->step_start_ns = moe_now_ns();
     f->step_wait_start_ns = f->comm->wait_ns[step];
     f->step_bytes_start = f->comm->bytes_sent[step];

@@ -446,3 +446,33 @@ void moe_launch_describe(const struct moe_launch *launch, int rank, char *buf,
         snprintf(buf, size, "rank %d (pid %ld) exited with status %d in %s",
                  rank, (long)o->pid, o->exit_status, step);
 }
+
+const char *moe_step_fault_name(int step)
+{
+    static const char *const names[MOE_STEP_COUNT] = {
+        [MOE_STEP_ROUTE] = "route",       [MOE_STEP_LAYOUT] = "layout",
+        [MOE_STEP_DISPATCH] = "dispatch", [MOE_STEP_COMPUTE] = "compute",
+        [MOE_STEP_COMBINE] = "combine",
+    };
+    return step >= 0 && step < MOE_STEP_COUNT ? names[step] : NULL;
+}
+
+void moe_fault_inject(const char *who, const char *step)
+{
+    const char *spec = getenv("MOE_EP_FAULT");
+    char fault_who[16], fault_step[16], action[16];
+    if (!spec || !step || sscanf(spec, "%15[a-z0-9]:%15[a-z]:%15[a-z]", fault_who,
+                                 fault_step, action) != 3)
+        return;
+    if (strcmp(fault_who, who) || strcmp(fault_step, step))
+        return;
+    if (!strcmp(action, "stall"))
+        for (;;)
+            pause();
+    if (!strcmp(action, "kill"))
+        raise(SIGKILL);
+    if (!strcmp(action, "segv"))
+        raise(SIGSEGV);
+    if (!strcmp(action, "exit"))
+        _exit(1);
+}

@@ -199,6 +199,10 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
         } else if (!strcmp(flag, "--scaling-factor")) {
             if ((rc = moe_parse_double(flag, text, 0.0, 1e6, &o->scaling_factor)))
                 return rc;
+            /* 0 would zero the output of every routed expert. */
+            if (o->scaling_factor == 0.0)
+                return moe_fail(-EINVAL, "invalid --scaling-factor value '%s': "
+                                "expected a number above 0, up to 1e+06", text);
         } else if (!strcmp(flag, "--capacity-factor")) {
             if ((rc = moe_parse_double(flag, text, 0.0, 1e6, &o->capacity_factor)))
                 return rc;
@@ -804,6 +808,7 @@ static int run_blocked(struct moe_run_result *result)
         rc = -ECANCELED;
         goto out;
     }
+    moe_fault_inject("launcher", "golden");
     int64_t start = moe_now_ns();
     if ((rc = golden_steps(result, &weights, tokens)))
         goto out;

@@ -48,7 +48,7 @@ static const struct flag_spec FLAGS[] = {
     {"run", "--layer", INTEGER, 1, "16777217"},
     {"run", "--router", WORD, 0, NULL},
     {"run", "--renormalize", WORD, 0, NULL},
-    {"run", "--scaling-factor", NUMBER, 1, "1000001"}, /* TODO: 0 zeroes the output of every routed expert, so run should reject it as make-layer does */
+    {"run", "--scaling-factor", NUMBER, 0, "1000001"},
     {"run", "--capacity-factor", NUMBER, 1, "1000001"},
     {"run", "--min-capacity", INTEGER, 1, "1099511627777"},
     {"run", "--expert-capacity", INTEGER, 1, "1099511627777"},

@@ -849,3 +849,26 @@ Test(clean, removes_stale_keeps_live, .timeout = 60, .fini = remove_planted)
     cr_assert_eq(o.status, 128 + SIGTERM, "stderr: %s", o.err);
     assert_nothing_left(&run, "clean during a run");
 }
+
+/* The golden check runs in the launcher after the ranks have exited, so a
+ * death there is the launcher's own: its status is that of the signal or
+ * exit, and nothing may be left behind. */
+Test(faults, launcher_dies_in_golden_check, .timeout = 60, .fini = kill_started_groups)
+{
+    become_subreaper();
+    static const struct {
+        const char *action;
+        int status;
+    } cases[] = {{"kill", 128 + SIGKILL}, {"segv", 128 + SIGSEGV}, {"exit", 1}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char fault[64];
+        snprintf(fault, sizeof fault, "launcher:golden:%s", cases[i].action);
+        struct moe_ep_process p;
+        start_moe_ep(&p, fault, (const char *[]){"run", "--ranks", "3", TINY, NULL});
+        struct outcome o;
+        wait_moe_ep(&p, STOP_LIMIT_S, &o);
+        cr_assert_eq(o.status, cases[i].status, "%s: %s%s", fault, o.out, o.err);
+        cr_assert_null(strstr(o.out, "golden check:"), "%s: %s", fault, o.out);
+        assert_nothing_left(&p, fault);
+    }
+}
