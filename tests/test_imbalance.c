@@ -53,7 +53,7 @@ Test(imbalance, drops_are_bitwise_for_any_rank_count, .timeout = 120)
     for (int p = 0; p < 2; p++) {
         char *first = NULL;
         for (int R = 1; R <= 8; R++) {
-            char ranks[8], out[128];
+            char ranks[16], out[128];
             snprintf(ranks, sizeof ranks, "%d", R);
             temp_path(out, sizeof out, "drops.npy");
             struct outcome o;
@@ -199,7 +199,7 @@ Test(imbalance, aux_losses_independent_of_ranks, .timeout = 60)
     char stats[128], first[512] = "", text[512];
     temp_path(stats, sizeof stats, "aux.json");
     for (int R = 1; R <= 5; R += 2) {
-        char ranks[8];
+        char ranks[16];
         snprintf(ranks, sizeof ranks, "%d", R);
         struct outcome o;
         run_program(&o, NULL, 0, 0, (const char *[]){"run", SMALL, "--ranks", ranks,
