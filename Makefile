@@ -5,6 +5,9 @@
 #   make test       install missing packages, build, and run the test suite
 #   make sanitize   build into build-san/ with ASan+UBSan and run the suite
 #   make bench      run the benchmark and rewrite docs/BENCHMARKS.md
+#   make bench-mpi  measure the all-to-all over MPI at 2 and 4 ranks
+#   make MPI=0 ...  build without the MPI transport (it is built when
+#                   Open MPI's mpicc is on the PATH)
 #   make golden     install PyTorch and recompute the reference outputs of
 #                   the tiny layers in data/layers
 #
@@ -29,8 +32,23 @@ BIN      := $(BUILD)/moe-ep
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all deps run test check sanitize bench golden clean
-all: $(BIN) $(TEST_BIN)
+# The MPI transport. Only the files in MPI_OBJ include mpi.h; with MPI=1
+# every binary links libmpi. $(BUILD)/mpi-config records the setting, so
+# that switching between MPI=1 and MPI=0 rebuilds those files.
+MPI ?= $(if $(shell command -v mpicc 2>/dev/null),1,0)
+ifeq ($(MPI),1)
+MPI_CFLAGS := $(shell mpicc --showme:compile 2>/dev/null)
+MPI_LIBS   := $(shell mpicc --showme:link 2>/dev/null)
+ifeq ($(MPI_LIBS),)
+$(error `mpicc --showme:link` failed: the MPI transport is built with Open MPI's mpicc; build with make MPI=0 to leave it out)
+endif
+LDLIBS   += $(MPI_LIBS)
+endif
+MPI_OBJ  := $(BUILD)/obj/transport_mpi.o $(BUILD)/obj/bench_mpi.o
+MPI_TEST_BIN := $(BUILD)/tests/mpi/transport_check
+
+.PHONY: all deps run test check sanitize bench bench-mpi golden clean FORCE
+all: $(BIN) $(TEST_BIN) $(MPI_TEST_BIN)
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard include/*.h) | $(BUILD)/obj
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
@@ -44,7 +62,18 @@ $(BIN): src/main.c $(LIB)
 $(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(LIB) | $(BUILD)/tests
 	$(CC) $(ALL_CFLAGS) $< $(LIB) $(TEST_LIBS) $(LDLIBS) -o $@
 
-$(BUILD)/obj $(BUILD)/tests:
+$(MPI_OBJ): ALL_CFLAGS += -DMOE_HAVE_MPI=$(MPI) $(MPI_CFLAGS)
+$(MPI_OBJ): $(BUILD)/mpi-config
+
+$(BUILD)/mpi-config: FORCE | $(BUILD)/obj
+	@echo 'MPI=$(MPI) $(MPI_CFLAGS) $(MPI_LIBS)' | cmp -s - $@ || \
+	    echo 'MPI=$(MPI) $(MPI_CFLAGS) $(MPI_LIBS)' > $@
+
+# Built with MPI=0 too, where it checks that --transport mpi is rejected.
+$(MPI_TEST_BIN): tests/mpi/transport_check.c $(LIB) | $(BUILD)/tests/mpi
+	$(CC) $(ALL_CFLAGS) $< $(LIB) $(LDLIBS) -o $@
+
+$(BUILD)/obj $(BUILD)/tests $(BUILD)/tests/mpi:
 	mkdir -p $@
 
 deps:
@@ -64,7 +93,7 @@ run: deps
 	$(BIN) run
 
 # Runs every test binary; Criterion prints a summary line for each.
-check: $(BIN) $(TEST_BIN)
+check: $(BIN) $(TEST_BIN) $(MPI_TEST_BIN)
 	tools/run-tests.sh $(BUILD)
 
 test: deps
@@ -81,5 +110,109 @@ bench: deps
 	$(MAKE) $(BIN)
 	$(BIN) bench --markdown docs/BENCHMARKS.md
 
+# mpirun rejects running as root unless two variables confirm it.
+MPIRUN := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 \
+          OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1) mpirun --oversubscribe
+bench-mpi: deps
+	$(MAKE) $(BIN)
+	$(MPIRUN) -np 2 $(BIN) bench --transport mpi --markdown $(BUILD)/bench-mpi-2.md
+	$(MPIRUN) -np 4 $(BIN) bench --transport mpi --markdown $(BUILD)/bench-mpi-4.md
+
 clean:
 	rm -rf build build-san
+
+# ---- fuzzing, ThreadSanitizer, soak and large tests ---------------------
+#
+#   make fuzz        build the libFuzzer targets of tests/fuzz with clang,
+#                    ASan and UBSan into build-fuzz/ and run each for
+#                    FUZZ_SECONDS; new inputs go to build-fuzz/corpus/TARGET
+#                    and crashing inputs to build-fuzz/crashes/
+#   make fuzz-ci     run each target on its seed corpus and then on
+#                    mutated inputs, FUZZ_RUNS in all, with a fixed seed
+#   make tsan        build the thread-mode ring and all-to-all checks with
+#                    ThreadSanitizer into build-tsan/ and run them
+#   make soak        stream SOAK_RECORDS records with checksums between two
+#                    processes through one ring
+#   make test-large  run tests/large, buffers beyond 2^31 and 2^32 bytes:
+#                    about 11 GiB of memory and 2 minutes; not run in CI
+
+FUZZ_BUILD    ?= build-fuzz
+FUZZ_CC       ?= clang
+FUZZ_TARGETS  := npy safetensors config ring
+FUZZ_SECONDS  ?= 60
+FUZZ_RUNS     ?= 20000
+FUZZ_SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+# An input that needs more than 2 GiB or 10 s is reported as a finding.
+FUZZ_FLAGS    := -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
+TSAN_BUILD    ?= build-tsan
+TSAN_RECORDS  ?= 100000
+SOAK_RECORDS  ?= 100000000
+
+.PHONY: fuzz fuzz-ci fuzz-build tsan soak test-large
+
+# The library is built with clang's coverage instrumentation and without
+# the MPI transport, whose library is not instrumented.
+fuzz-build:
+	tools/install-deps.sh clang libclang-rt-dev
+	$(MAKE) BUILD=$(FUZZ_BUILD) CC=$(FUZZ_CC) MPI=0 \
+	    CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer-no-link $(FUZZ_SANITIZE)" \
+	    $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/fuzz/fuzz_%)
+
+$(BUILD)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_input.h $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer $< $(LIB) $(LDLIBS) -o $@
+
+# Runs fuzz_TARGET with the extra flags in $(1) and the corpus directories
+# in $(2), for every target; stops at the first crash.
+define run_fuzzers
+	@for t in $(FUZZ_TARGETS); do \
+	    dict=""; [ -f tests/fuzz/$$t.dict ] && dict="-dict=tests/fuzz/$$t.dict"; \
+	    mkdir -p $(FUZZ_BUILD)/crashes && \
+	    echo "== fuzz_$$t" && \
+	    $(FUZZ_BUILD)/fuzz/fuzz_$$t $(FUZZ_FLAGS) $(1) $$dict \
+	        -artifact_prefix=$(FUZZ_BUILD)/crashes/$$t- $(2) || exit 1; \
+	done
+endef
+
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do mkdir -p $(FUZZ_BUILD)/corpus/$$t; done
+	$(call run_fuzzers,-max_total_time=$(FUZZ_SECONDS),\
+	    $(FUZZ_BUILD)/corpus/$$t tests/fuzz/corpus/$$t)
+
+# New inputs go to a scratch directory that starts empty, so that every CI
+# run replays the same seeds and mutations.
+fuzz-ci: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	    rm -rf $(FUZZ_BUILD)/ci-corpus/$$t && mkdir -p $(FUZZ_BUILD)/ci-corpus/$$t; \
+	done
+	$(call run_fuzzers,-runs=$(FUZZ_RUNS) -seed=1,\
+	    $(FUZZ_BUILD)/ci-corpus/$$t tests/fuzz/corpus/$$t)
+
+# Criterion crashes at start-up under ThreadSanitizer, so the checks run
+# as a plain program.
+tsan: deps
+	$(MAKE) BUILD=$(TSAN_BUILD) MPI=0 CFLAGS="-O1 -g -fsanitize=thread" \
+	    $(TSAN_BUILD)/tsan/ring_threads
+	TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+	    $(TSAN_BUILD)/tsan/ring_threads $(TSAN_RECORDS)
+
+$(BUILD)/tsan/%: tests/tsan/%.c tests/ring_threads.h $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -Itests $< $(LIB) $(LDLIBS) -o $@
+
+soak: deps
+	$(MAKE) $(BUILD)/soak/ring_soak
+	$(BUILD)/soak/ring_soak $(SOAK_RECORDS)
+
+$(BUILD)/soak/%: tests/soak/%.c $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) $< $(LIB) $(LDLIBS) -o $@
+
+# One test at a time: together they would need about 20 GiB.
+test-large: deps
+	$(MAKE) $(BIN) $(BUILD)/large/test_large
+	$(BUILD)/large/test_large --jobs 1 --verbose
+
+$(BUILD)/large/%: tests/large/%.c $(wildcard tests/*.h) $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -Itests $< $(LIB) $(TEST_LIBS) $(LDLIBS) -o $@

@@ -20,6 +20,8 @@ struct moe_bench_options {
     uint64_t ring_bytes;        /* ring size [1M] */
     const char *markdown_path;  /* write the report here too, or NULL */
     int quick;                  /* smaller shapes, for tests */
+    int transport;              /* enum moe_transport_kind [shm]; mpi
+                                   measures only the all-to-all */
 };
 
 void moe_bench_options_default(struct moe_bench_options *options);

@@ -89,6 +89,15 @@ struct moe_bench_results {
 /* Returns the length of one timed loop: 40 ms, or 4 ms with --quick. */
 int64_t moe_bench_loop_ns(const struct moe_bench_options *options);
 
+/* Returns whether a probe of `calls` calls that took `elapsed_ns` is long
+ * enough to size a loop: at least 8 calls and an eighth of the loop, or
+ * the cap of 2^22 calls per loop. */
+int moe_bench_probe_done(int64_t calls, int64_t elapsed_ns, int64_t loop_ns);
+
+/* Returns the calls that fill a loop of `loop_ns` at `per_call_ns` each,
+ * from 1 to the cap of 2^22. */
+int64_t moe_bench_calls_for(int64_t loop_ns, int64_t per_call_ns);
+
 /* Times `run(state)` in this process by the timing rule. per_call_ns
  * receives one value per repeat. Returns the calls per loop. */
 int64_t moe_bench_time_local(void (*run)(void *state), void *state,
@@ -158,6 +167,12 @@ void moe_bench_print_forward(FILE *out, const struct moe_bench_options *options,
                              const struct moe_bench_results *results);
 void moe_bench_print_alltoall(FILE *out, const struct moe_bench_options *options,
                               const struct moe_bench_results *results);
+
+/* Runs `moe-ep bench --transport mpi` in a process that mpirun started
+ * (bench_mpi.c): the all-to-all figures over MPI at mpirun's rank count.
+ * Rank 0 prints the report. Returns 0, or -EINVAL in a build without MPI
+ * or in a job of 1 rank. Any other failure ends the MPI job. */
+int moe_bench_mpi(const struct moe_bench_options *options, FILE *out);
 
 /* Finds the all-to-all row for `ranks` and `bytes_per_pair`, or NULL. */
 const struct moe_bench_alltoall *

@@ -18,6 +18,7 @@
 #include "moe_error.h"
 #include "moe_launch.h"
 #include "moe_run.h"
+#include "moe_transport.h"
 
 #include <cblas.h>
 #include <errno.h>
@@ -78,6 +79,8 @@ void moe_bench_usage(FILE *out)
         "  --markdown FILE   also write the report to FILE\n"
         "  --quick           small shapes and short loops, for a smoke test of\n"
         "                    a few seconds; shape flags still apply\n"
+        "  --transport T     shm, or mpi to measure only the all-to-all over\n"
+        "                    MPI at the rank count of `mpirun -np R` [shm]\n"
         "  -h, --help        show this text\n",
         MOE_MAX_RANKS, MOE_BENCH_MAX_REPEATS);
 }
@@ -95,6 +98,25 @@ static void apply_quick_defaults(struct moe_bench_options *o, const int *flag_gi
         o->experts = 8;
     if (!flag_given[4])
         o->repeats = 3;
+}
+
+/* Sets o->transport from a --transport value. mpirun sets the rank count
+ * and MPI has no rings, so --transport mpi rejects --ranks and
+ * --ring-size. */
+static int parse_transport(struct moe_bench_options *o, int argc, char **argv,
+                           const char *text)
+{
+    enum moe_transport_kind kind;
+    int rc = moe_transport_parse_kind("--transport", text, &kind);
+    if (rc)
+        return rc;
+    o->transport = kind;
+    for (int i = 0; kind == MOE_TRANSPORT_MPI && i < argc; i++)
+        if (!strcmp(argv[i], "--ranks") || !strcmp(argv[i], "--ring-size"))
+            return moe_fail(-EINVAL, "invalid %s with --transport mpi: mpirun "
+                            "-np sets the rank count, and MPI has no rings",
+                            argv[i]);
+    return 0;
 }
 
 int moe_bench_parse(struct moe_bench_options *o, int argc, char **argv)
@@ -115,7 +137,7 @@ int moe_bench_parse(struct moe_bench_options *o, int argc, char **argv)
         }
         static const char *const known[] = {
             "--ranks", "--tokens", "--hidden", "--ffn", "--experts", "--top-k",
-            "--repeats", "--ring-size", "--markdown", NULL,
+            "--repeats", "--ring-size", "--markdown", "--transport", NULL,
         };
         const char *text;
         if ((rc = moe_next_option("bench", known, argc, argv, &i, &text)))
@@ -163,6 +185,9 @@ int moe_bench_parse(struct moe_bench_options *o, int argc, char **argv)
             if ((rc = moe_check_output_path(flag, text)))
                 return rc;
             o->markdown_path = text;
+        } else if (!strcmp(flag, "--transport")) {
+            if ((rc = parse_transport(o, argc, argv, text)))
+                return rc;
         } else {
             return moe_fail(-EINVAL, "unknown option '%s'; see moe-ep bench "
                             "--help", flag);
@@ -379,6 +404,8 @@ static void print_report(FILE *out, const struct moe_bench_options *o,
 
 int moe_bench(const struct moe_bench_options *o, FILE *out)
 {
+    if (o->transport == MOE_TRANSPORT_MPI)
+        return moe_bench_mpi(o, out);
     struct machine machine;
     read_machine(&machine);
     struct moe_bench_results *res = calloc(1, sizeof *res);

@@ -26,10 +26,7 @@ static const int64_t MAX_CALLS_PER_LOOP = 1 << 22;
  * more to be woken), so one call alone would size a loop far too short. */
 static const int64_t MIN_PROBE_CALLS = 8;
 
-/* Returns whether a probe of `calls` calls that took `elapsed_ns` is long
- * enough to size a loop: MIN_PROBE_CALLS calls and an eighth of the loop,
- * or the call cap. */
-static int probe_done(int64_t calls, int64_t elapsed_ns, int64_t loop_ns)
+int moe_bench_probe_done(int64_t calls, int64_t elapsed_ns, int64_t loop_ns)
 {
     return (calls >= MIN_PROBE_CALLS && elapsed_ns >= loop_ns / 8) ||
            calls >= MAX_CALLS_PER_LOOP;
@@ -40,7 +37,7 @@ int64_t moe_bench_loop_ns(const struct moe_bench_options *o)
     return o->quick ? 4 * 1000 * 1000 : 40 * 1000 * 1000;
 }
 
-static int64_t calls_for(int64_t loop_ns, int64_t per_call_ns)
+int64_t moe_bench_calls_for(int64_t loop_ns, int64_t per_call_ns)
 {
     if (per_call_ns < 1)
         per_call_ns = 1;
@@ -60,11 +57,11 @@ int64_t moe_bench_time_local(void (*run)(void *state), void *state,
         for (int64_t i = 0; i < probe_calls; i++)
             run(state);
         probe_ns = moe_now_ns() - start;
-        if (probe_done(probe_calls, probe_ns, loop_ns))
+        if (moe_bench_probe_done(probe_calls, probe_ns, loop_ns))
             break;
         probe_calls *= 2;
     }
-    int64_t calls = calls_for(loop_ns, probe_ns / probe_calls);
+    int64_t calls = moe_bench_calls_for(loop_ns, probe_ns / probe_calls);
 
     for (int rep = 0; rep < repeats; rep++) {
         int64_t loop_start = moe_now_ns();
@@ -113,11 +110,11 @@ int moe_bench_time_ranks(struct moe_comm *comm, struct moe_bench_area *area,
     for (;;) {
         if ((rc = probe_ranks(comm, probe_calls, run, state, &slowest_ns)))
             return rc;
-        if (probe_done(probe_calls, slowest_ns, loop_ns))
+        if (moe_bench_probe_done(probe_calls, slowest_ns, loop_ns))
             break;
         probe_calls *= 2;
     }
-    int64_t calls = calls_for(loop_ns, slowest_ns / probe_calls);
+    int64_t calls = moe_bench_calls_for(loop_ns, slowest_ns / probe_calls);
     if (comm->rank == 0)
         area->calls[index] = calls;
 

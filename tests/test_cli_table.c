@@ -73,6 +73,7 @@ static const struct flag_spec FLAGS[] = {
     {"bench", "--repeats", INTEGER, 0, "51"},
     {"bench", "--ring-size", BYTES, 0, "2G"},
     {"bench", "--markdown", OUTPUT, 0, NULL},
+    {"bench", "--transport", WORD, 0, NULL},
 
     {"make-layer", "--family", WORD, 0, NULL},
     {"make-layer", "--preset", WORD, 0, NULL},

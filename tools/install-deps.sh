@@ -1,11 +1,14 @@
 #!/bin/sh
 # Installs the Debian packages moe-ep needs to build and test, if missing,
-# plus any packages named as arguments (make golden adds python3-torch).
+# plus any packages named as arguments (make golden adds python3-torch,
+# make fuzz and make fuzz-ci add clang and libclang-rt-dev for libFuzzer).
+# The default list includes Open MPI (openmpi-bin, libopenmpi-dev), so that
+# the MPI transport is built and tested. `make MPI=0` builds without it.
 # Uses sudo when not run as root. On a system without apt-get it names the
 # packages and stops with status 1.
 set -eu
 
-packages="build-essential pkg-config libopenblas-dev libcriterion-dev libcjson-dev $*"
+packages="build-essential pkg-config libopenblas-dev libcriterion-dev libcjson-dev openmpi-bin libopenmpi-dev $*"
 
 missing=""
 for p in $packages; do
