@@ -24,6 +24,7 @@
 
 #include "moe_comm.h"
 #include "moe_layer.h"
+#include "moe_transport.h"
 
 #define MOE_RUN_AREA_MAGIC 0x4e5552455045454dULL /* "MEEPERUN" read as bytes */
 
@@ -157,10 +158,22 @@ struct moe_dist_input {
  * are kept across forwards. */
 struct moe_dist_rank;
 
-/* Creates the state of `comm`'s rank after checking that the run area
- * matches the input's shape. `input` must outlive the state. Returns 0,
- * -EPROTO or -ENOMEM. */
-int moe_dist_rank_new(struct moe_comm *comm, const struct moe_dist_input *input,
+/* Where one rank's forward communicates and writes its results. */
+struct moe_dist_env {
+    struct moe_transport *transport;
+    void *area;             /* the run area (moe_run_area_init): in the
+                               shared segment under shm, or this rank's
+                               own copy under mpi */
+    uint64_t area_capacity; /* bytes available at area */
+    struct moe_rank_slot *slot; /* receives the step times; in the segment
+                                   under shm, private under mpi */
+};
+
+/* Creates the state of the env's rank after checking that the run area
+ * matches the input's shape. `env` and `input` must outlive the state.
+ * With a trace, sets the transport's wait hook. Returns 0, -EPROTO or
+ * -ENOMEM. */
+int moe_dist_rank_new(const struct moe_dist_env *env, const struct moe_dist_input *input,
                       struct moe_dist_rank **rank);
 void moe_dist_rank_free(struct moe_dist_rank *rank);
 
@@ -170,9 +183,13 @@ void moe_dist_rank_free(struct moe_dist_rank *rank);
  * of times. Returns 0 or a negative error code. */
 int moe_dist_forward(struct moe_dist_rank *rank);
 
-/* Rank entry point for moe_launch: runs the run area's number of forwards
- * (one unless --steps). `arg` is a struct moe_dist_input. Returns 0 or a
- * negative error code. */
+/* Runs the run area's number of forwards (one unless --steps) on the
+ * env's rank. Returns 0 or a negative error code. */
+int moe_dist_run(const struct moe_dist_env *env, const struct moe_dist_input *input);
+
+/* Rank entry point for moe_launch: opens the shm transport over `comm` and
+ * runs moe_dist_run() in the segment's run area. `arg` is a struct
+ * moe_dist_input. Returns 0 or a negative error code. */
 int moe_dist_rank_main(struct moe_comm *comm, void *arg);
 
 #endif

@@ -94,6 +94,11 @@ struct moe_transport {
     uint64_t wait_ns[MOE_STEP_COUNT];
     uint64_t bytes_sent[MOE_STEP_COUNT];
     uint64_t allreduce_bytes;
+    /* Called with the start and end (moe_now_ns) of each wait on peers,
+     * when set: shm reports each sleep in the rings, mpi each whole MPI
+     * call. The run's trace records them. */
+    void (*on_wait)(void *arg, int step, int64_t start_ns, int64_t end_ns);
+    void *on_wait_arg;
     void *state;      /* the implementation's own data */
 };
 

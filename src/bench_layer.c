@@ -93,11 +93,18 @@ static int forward_rank_main(struct moe_comm *comm, void *arg)
     if (area->magic != MOE_BENCH_AREA_MAGIC)
         return moe_fail(-EPROTO, "rank %d: the bench area is missing", comm->rank);
 
-    struct moe_dist_rank *rank;
-    int rc = moe_dist_rank_new(comm, plan->input, &rank);
+    struct moe_transport t;
+    int rc = moe_transport_shm_open(&t, comm);
     if (rc)
         return rc;
     struct moe_rank_slot *slot = moe_segment_slot(comm->segment, comm->rank);
+    struct moe_dist_env env = {.transport = &t, .area = moe_segment_app(comm->segment),
+                               .area_capacity = comm->segment->app_bytes, .slot = slot};
+    struct moe_dist_rank *rank;
+    if ((rc = moe_dist_rank_new(&env, plan->input, &rank))) {
+        moe_transport_close(&t);
+        return rc;
+    }
     rc = moe_dist_forward(rank);
     for (int rep = 0; rc == 0 && rep < plan->repeats; rep++) {
         rc = moe_barrier(comm);
@@ -111,6 +118,7 @@ static int forward_rank_main(struct moe_comm *comm, void *arg)
             record_forward(area, slot, rep, comm->rank);
     }
     moe_dist_rank_free(rank);
+    moe_transport_close(&t);
     return rc;
 }
 

@@ -137,13 +137,14 @@ void moe_run_area_init(void *area, const struct moe_shape *shape, int ranks,
 
 /* Per-rank state, kept across forwards so that buffers are reused. */
 struct moe_dist_rank {
-    struct moe_comm *comm;
+    struct moe_transport *t;
+    void *area;          /* the run area: the segment's, or this rank's own */
     const struct moe_dist_input *input;
     struct moe_rank_slot *slot;
     struct moe_rank_report *report; /* this rank's, in the run area */
     int64_t step_start_ns;
-    uint64_t step_wait_start_ns; /* comm->wait_ns of the step at its start */
-    uint64_t step_bytes_start;   /* comm->bytes_sent of the step at its start */
+    uint64_t step_wait_start_ns; /* t->wait_ns of the step at its start */
+    uint64_t step_bytes_start;   /* t->bytes_sent of the step at its start */
     int64_t forward;             /* forwards run so far */
 
     int64_t token_first, tokens;   /* this rank's token block */
@@ -215,22 +216,22 @@ static void record_wait(void *arg, int step, int64_t start, int64_t end)
 
 static void begin_step(struct moe_dist_rank *f, int step)
 {
-    moe_comm_set_step(f->comm, step);
+    moe_transport_set_step(f->t, step);
     atomic_store_explicit(&f->slot->step, step, memory_order_release);
     char who[16];
-    snprintf(who, sizeof who, "%d", f->comm->rank);
+    snprintf(who, sizeof who, "%d", f->t->rank);
     moe_fault_inject(who, moe_step_fault_name(step));
     f->step_start_ns = moe_now_ns();
-    f->step_wait_start_ns = f->comm->wait_ns[step];
-    f->step_bytes_start = f->comm->bytes_sent[step];
+    f->step_wait_start_ns = f->t->wait_ns[step];
+    f->step_bytes_start = f->t->bytes_sent[step];
 }
 
 static void end_step(struct moe_dist_rank *f, int step)
 {
     int64_t end = moe_now_ns();
-    uint64_t bytes = f->comm->bytes_sent[step] - f->step_bytes_start;
+    uint64_t bytes = f->t->bytes_sent[step] - f->step_bytes_start;
     f->slot->step_ns[step] += (uint64_t)(end - f->step_start_ns);
-    f->slot->wait_ns[step] += f->comm->wait_ns[step] - f->step_wait_start_ns;
+    f->slot->wait_ns[step] += f->t->wait_ns[step] - f->step_wait_start_ns;
     f->report->bytes_sent[step] += bytes;
     trace_add(f, MOE_TRACE_STEP, step, f->step_start_ns, end, bytes);
 }
@@ -239,7 +240,7 @@ static void end_step(struct moe_dist_rank *f, int step)
  * token of s, and the rows add up to tokens(s) * K. */
 static int validate_layout(const struct moe_dist_rank *f, const struct moe_shape *s)
 {
-    int R = f->comm->ranks;
+    int R = f->t->ranks;
     for (int src = 0; src < R; src++) {
         int64_t first, tokens, sum = 0;
         moe_block_range(s->tokens, R, src, &first, &tokens);
@@ -248,13 +249,13 @@ static int validate_layout(const struct moe_dist_rank *f, const struct moe_shape
             if (c < 0 || c > tokens)
                 return moe_fail(-EPROTO, "rank %d: rank %d announced %" PRId64
                                 " rows for expert %" PRId64 ", but it has only %"
-                                PRId64 " tokens", f->comm->rank, src, c, e, tokens);
+                                PRId64 " tokens", f->t->rank, src, c, e, tokens);
             sum += c;
         }
         if (sum != tokens * s->top_k)
             return moe_fail(-EPROTO, "rank %d: rank %d announced %" PRId64
                             " rows in all, expected %" PRId64 " tokens x top-k %"
-                            PRId64, f->comm->rank, src, sum, tokens, s->top_k);
+                            PRId64, f->t->rank, src, sum, tokens, s->top_k);
     }
     return 0;
 }
@@ -288,7 +289,7 @@ static int route(struct moe_dist_rank *f, const float *x)
     /* Counting sort of the assignments by expert, stable in token order. */
     int64_t *next = calloc((size_t)E + 1, sizeof *next);
     if (!next)
-        return moe_fail(-ENOMEM, "rank %d: out of memory", f->comm->rank);
+        return moe_fail(-ENOMEM, "rank %d: out of memory", f->t->rank);
     memset(f->counts, 0, (size_t)E * sizeof *f->counts);
     for (int64_t i = 0; i < n * K; i++)
         f->counts[f->ids[i]]++;
@@ -313,7 +314,7 @@ static int64_t rows_from(const struct moe_dist_rank *f, int64_t E, int src)
 static int64_t rows_of_expert(const struct moe_dist_rank *f, int64_t E, int64_t e)
 {
     int64_t rows = 0;
-    for (int src = 0; src < f->comm->ranks; src++)
+    for (int src = 0; src < f->t->ranks; src++)
         rows += f->kept_counts[src * E + e];
     return rows;
 }
@@ -325,7 +326,7 @@ static int64_t rows_of_expert(const struct moe_dist_rank *f, int64_t E, int64_t 
  * rows. */
 static void keep_by_position(struct moe_dist_rank *f, int64_t E, int64_t limit)
 {
-    int R = f->comm->ranks, me = f->comm->rank;
+    int R = f->t->ranks, me = f->t->rank;
     for (int64_t e = 0; e < E; e++) {
         int64_t before = 0;
         for (int src = 0; src < R; src++) {
@@ -348,9 +349,9 @@ static void keep_by_position(struct moe_dist_rank *f, int64_t E, int64_t limit)
  * all its assignments and decides, as the comment at the top describes. */
 static int keep_by_probs(struct moe_dist_rank *f, int64_t E)
 {
-    struct moe_comm *comm = f->comm;
+    struct moe_transport *t = f->t;
     const struct moe_capacity *cap = &f->input->weights->capacity;
-    int R = comm->ranks, me = comm->rank;
+    int R = t->ranks, me = t->rank;
     int64_t K = f->input->weights->shape.top_k, n = f->tokens * K;
     uint64_t *send_bytes = f->table, *send_offsets = f->table + R,
              *recv_bytes = f->table + 2 * R, *recv_offsets = f->table + 3 * R;
@@ -385,8 +386,8 @@ static int keep_by_probs(struct moe_dist_rank *f, int64_t E)
     }
     for (int64_t i = 0; i < n; i++)
         send_weights[i] = f->weights[f->order[i]];
-    uint64_t before = comm->bytes_sent[comm->step];
-    rc = moe_alltoallv(comm, send_weights, send_bytes, send_offsets, recv_weights,
+    uint64_t before = t->bytes_sent[t->step];
+    rc = moe_transport_alltoallv(t, send_weights, send_bytes, send_offsets, recv_weights,
                        recv_bytes, recv_offsets);
     if (rc)
         goto out;
@@ -425,9 +426,9 @@ static int keep_by_probs(struct moe_dist_rank *f, int64_t E)
         recv_offsets[d] /= sizeof(float);
         recv_bytes[d] /= sizeof(float);
     }
-    rc = moe_alltoallv(comm, recv_keep, recv_bytes, recv_offsets, f->keep,
+    rc = moe_transport_alltoallv(t, recv_keep, recv_bytes, recv_offsets, f->keep,
                        send_bytes, send_offsets);
-    f->report->capacity_bytes += comm->bytes_sent[comm->step] - before;
+    f->report->capacity_bytes += t->bytes_sent[t->step] - before;
     if (rc)
         goto out;
     int64_t row = 0;
@@ -454,7 +455,7 @@ static int apply_capacity(struct moe_dist_rank *f, void *area)
     const struct moe_weights *w = f->input->weights;
     struct moe_run_area *a = area;
     int64_t E = w->shape.experts, K = w->shape.top_k, n = f->tokens * K;
-    int R = f->comm->ranks, me = f->comm->rank;
+    int R = f->t->ranks, me = f->t->rank;
     int rc = 0;
     if (w->capacity.limit >= 0 && w->capacity.policy == MOE_DROP_PROBS)
         rc = keep_by_probs(f, E);
@@ -517,7 +518,7 @@ static void reorder_rows(const struct moe_dist_rank *f, int64_t E, int64_t H,
                          const uint64_t *recv_first_row, float *source_major,
                          float *expert_major, int to_expert_major)
 {
-    int R = f->comm->ranks;
+    int R = f->t->ranks;
     size_t row_bytes = (size_t)H * sizeof(float);
     int64_t row = 0;
     for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++) {
@@ -554,7 +555,7 @@ static int reserve_received(struct moe_dist_rank *f, int64_t rows, int64_t max_r
         if (!f->recv_rows || !f->expert_in || !f->expert_out) {
             f->received_capacity = 0;
             return moe_fail(-ENOMEM, "rank %d: out of memory for %" PRId64
-                            " received rows", f->comm->rank, rows);
+                            " received rows", f->t->rank, rows);
         }
     }
     if (max_rows > f->scratch_capacity || !f->scratch) {
@@ -564,27 +565,29 @@ static int reserve_received(struct moe_dist_rank *f, int64_t rows, int64_t max_r
         f->scratch_capacity = f->scratch ? max_rows : 0;
         if (!f->scratch)
             return moe_fail(-ENOMEM, "rank %d: out of memory for expert scratch",
-                            f->comm->rank);
+                            f->t->rank);
     }
     return 0;
 }
 
-int moe_dist_rank_new(struct moe_comm *comm, const struct moe_dist_input *in,
+int moe_dist_rank_new(const struct moe_dist_env *env, const struct moe_dist_input *in,
                       struct moe_dist_rank **out)
 {
     const struct moe_shape *s = &in->weights->shape;
     int64_t E = s->experts, K = s->top_k;
-    int R = comm->ranks, me = comm->rank;
-    struct moe_run_area *run = moe_segment_app(comm->segment);
+    struct moe_transport *t = env->transport;
+    int R = t->ranks, me = t->rank;
+    struct moe_run_area *run = env->area;
 
     *out = NULL;
+    if (env->area_capacity < sizeof *run || run->magic != MOE_RUN_AREA_MAGIC)
+        return moe_fail(-EPROTO, "rank %d: the run area is missing", me);
     struct moe_run_area_spec spec = {.dump = (int)run->dump, .steps = run->steps,
                                      .trace = run->trace_capacity > 0};
-    if (comm->segment->app_bytes < sizeof *run || run->magic != MOE_RUN_AREA_MAGIC ||
-        run->ranks != R || memcmp(&run->shape, s, sizeof *s) != 0 ||
+    if (run->ranks != R || memcmp(&run->shape, s, sizeof *s) != 0 ||
         (run->dump != 0 && run->dump != 1) || run->steps < 1 ||
         run->area_bytes != moe_run_area_bytes(s, R, &spec) ||
-        run->area_bytes > comm->segment->app_bytes)
+        run->area_bytes > env->area_capacity)
         return moe_fail(-EPROTO, "rank %d: the run area does not match this "
                         "layer's shape", me);
     moe_blas_init();
@@ -592,16 +595,17 @@ int moe_dist_rank_new(struct moe_comm *comm, const struct moe_dist_input *in,
     struct moe_dist_rank *f = calloc(1, sizeof *f);
     if (!f)
         return moe_fail(-ENOMEM, "rank %d: out of memory", me);
-    f->comm = comm;
+    f->t = t;
+    f->area = run;
     f->input = in;
-    f->slot = moe_segment_slot(comm->segment, me);
+    f->slot = env->slot;
     f->report = moe_run_area_report(run, me);
     if (run->trace_capacity > 0) {
         f->trace = (struct moe_trace_event *)moe_run_area_at(run, run->trace_offset) +
                    (int64_t)me * run->trace_capacity;
         f->trace_capacity = run->trace_capacity;
-        comm->on_wait = record_wait;
-        comm->on_wait_arg = f;
+        t->on_wait = record_wait;
+        t->on_wait_arg = f;
     }
     moe_block_range(s->tokens, R, me, &f->token_first, &f->tokens);
     moe_block_range(E, R, me, &f->expert_first, &f->experts);
@@ -652,9 +656,9 @@ void moe_dist_rank_free(struct moe_dist_rank *f)
 {
     if (!f)
         return;
-    if (f->comm->on_wait_arg == f) {
-        f->comm->on_wait = NULL;
-        f->comm->on_wait_arg = NULL;
+    if (f->t->on_wait_arg == f) {
+        f->t->on_wait = NULL;
+        f->t->on_wait_arg = NULL;
     }
     free(f->step_tokens);
     free(f->bias);
@@ -706,8 +710,8 @@ static void dump_received(const struct moe_dist_rank *f, void *area,
     const struct moe_run_area *a = area;
     int64_t E = a->shape.experts, H = a->shape.hidden, before = 0;
     int64_t first, count;
-    moe_block_range(E, f->comm->ranks, f->comm->rank, &first, &count);
-    for (int src = 0; src < f->comm->ranks; src++)
+    moe_block_range(E, f->t->ranks, f->t->rank, &first, &count);
+    for (int src = 0; src < f->t->ranks; src++)
         for (int64_t e = 0; e < first; e++)
             before += f->all_counts[src * E + e];
     memcpy((float *)moe_run_area_at(area, a->recv_x_offset) + before * H, f->recv_rows,
@@ -733,13 +737,13 @@ static void dump_combine(const struct moe_dist_rank *f, void *area, int64_t kept
 
 int moe_dist_forward(struct moe_dist_rank *f)
 {
-    struct moe_comm *comm = f->comm;
+    struct moe_transport *t = f->t;
     const struct moe_dist_input *in = f->input;
     const struct moe_shape *s = &in->weights->shape;
     int64_t H = s->hidden, E = s->experts, K = s->top_k, n = f->tokens;
-    int R = comm->ranks, me = comm->rank;
+    int R = t->ranks, me = t->rank;
     uint64_t row_bytes = (uint64_t)H * sizeof(float);
-    void *area = moe_segment_app(comm->segment);
+    void *area = f->area;
     struct moe_run_area *run = area;
     uint64_t *send_bytes = f->table, *send_offsets = f->table + R,
              *recv_bytes = f->table + 2 * R, *recv_offsets = f->table + 3 * R,
@@ -759,11 +763,11 @@ int moe_dist_forward(struct moe_dist_rank *f)
 
     /* Layout exchange, the router stats, and the capacity decision. */
     begin_step(f, MOE_STEP_LAYOUT);
-    rc = moe_allgather(comm, f->counts, (uint64_t)E * sizeof(int64_t), f->all_counts);
+    rc = moe_transport_allgather(t, f->counts, (uint64_t)E * sizeof(int64_t), f->all_counts);
     if (rc == 0)
         rc = validate_layout(f, s);
     if (rc == 0)
-        rc = moe_allreduce_i64(comm, f->stats, stats_len);
+        rc = moe_transport_allreduce_i64(t, f->stats, stats_len);
     if (rc == 0)
         rc = apply_capacity(f, area);
     end_step(f, MOE_STEP_LAYOUT);
@@ -800,7 +804,7 @@ int moe_dist_forward(struct moe_dist_rank *f)
     f->report->received_rows = received_rows;
     rc = reserve_received(f, received_rows, max_rows);
     if (rc == 0)
-        rc = moe_alltoallv(comm, f->send_rows, send_bytes, send_offsets, f->recv_rows,
+        rc = moe_transport_alltoallv(t, f->send_rows, send_bytes, send_offsets, f->recv_rows,
                            recv_bytes, recv_offsets);
     if (rc == 0 && run->dump)
         dump_received(f, area, received_rows);
@@ -827,7 +831,7 @@ int moe_dist_forward(struct moe_dist_rank *f)
      * with the dispatch counts reversed, and sum per token. */
     begin_step(f, MOE_STEP_COMBINE);
     reorder_rows(f, E, H, recv_first_row, f->recv_rows, f->expert_out, 0);
-    rc = moe_alltoallv(comm, f->recv_rows, recv_bytes, recv_offsets, f->send_rows,
+    rc = moe_transport_alltoallv(t, f->recv_rows, recv_bytes, recv_offsets, f->send_rows,
                        send_bytes, send_offsets);
     if (rc == 0) {
         for (int64_t i = 0; i < n * K; i++)
@@ -842,22 +846,39 @@ int moe_dist_forward(struct moe_dist_rank *f)
             dump_combine(f, area, kept_rows);
     }
     end_step(f, MOE_STEP_COMBINE);
-    f->report->allreduce_bytes = comm->allreduce_bytes;
+    f->report->allreduce_bytes = t->allreduce_bytes;
     if (rc == 0 && f->bias && in->bias_update_rate > 0.0f)
         moe_selection_bias_update(f->bias, f->stats, E, K, in->bias_update_rate);
     f->forward++;
     return rc;
 }
 
-int moe_dist_rank_main(struct moe_comm *comm, void *arg)
+int moe_dist_run(const struct moe_dist_env *env, const struct moe_dist_input *input)
 {
     struct moe_dist_rank *rank;
-    int rc = moe_dist_rank_new(comm, arg, &rank);
+    int rc = moe_dist_rank_new(env, input, &rank);
     if (rc)
         return rc;
-    const struct moe_run_area *run = moe_segment_app(comm->segment);
+    const struct moe_run_area *run = env->area;
     for (int64_t i = 0; i < run->steps && rc == 0; i++)
         rc = moe_dist_forward(rank);
     moe_dist_rank_free(rank);
+    return rc;
+}
+
+int moe_dist_rank_main(struct moe_comm *comm, void *arg)
+{
+    struct moe_transport t;
+    int rc = moe_transport_shm_open(&t, comm);
+    if (rc)
+        return rc;
+    struct moe_dist_env env = {
+        .transport = &t,
+        .area = moe_segment_app(comm->segment),
+        .area_capacity = comm->segment->app_bytes,
+        .slot = moe_segment_slot(comm->segment, comm->rank),
+    };
+    rc = moe_dist_run(&env, arg);
+    moe_transport_close(&t);
     return rc;
 }

@@ -216,7 +216,10 @@ static void end_call(struct moe_transport *t, int64_t start)
 {
     atomic_store_explicit(&state_of(t)->watchdog.call_start_ns, 0,
                           memory_order_relaxed);
-    t->wait_ns[t->step] += (uint64_t)(moe_now_ns() - start);
+    int64_t end = moe_now_ns();
+    t->wait_ns[t->step] += (uint64_t)(end - start);
+    if (t->on_wait)
+        t->on_wait(t->on_wait_arg, t->step, start, end);
 }
 
 /* ---- helpers ----------------------------------------------------------- */

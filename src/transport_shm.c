@@ -137,8 +137,13 @@ static void shm_abort(struct moe_transport *t, int status)
 static void shm_close(struct moe_transport *t)
 {
     struct shm_state *s = t->state;
-    if (s)
+    if (s) {
+        if (s->comm->on_wait_arg == t) {
+            s->comm->on_wait = NULL;
+            s->comm->on_wait_arg = NULL;
+        }
         free(s->table);
+    }
     free(s);
     t->state = NULL;
 }
@@ -152,6 +157,14 @@ static const struct moe_transport_ops SHM_OPS = {
     .abort = shm_abort,
     .close = shm_close,
 };
+
+/* Passes a wait in the rings on to the transport's hook. */
+static void forward_wait(void *arg, int step, int64_t start_ns, int64_t end_ns)
+{
+    struct moe_transport *t = arg;
+    if (t->on_wait)
+        t->on_wait(t->on_wait_arg, step, start_ns, end_ns);
+}
 
 int moe_transport_shm_open(struct moe_transport *t, struct moe_comm *comm)
 {
@@ -175,6 +188,8 @@ int moe_transport_shm_open(struct moe_transport *t, struct moe_comm *comm)
     s->comm = comm;
     s->table = table;
     t->state = s;
+    comm->on_wait = forward_wait;
+    comm->on_wait_arg = t;
     return 0;
 }
 
