@@ -104,6 +104,10 @@ struct moe_weights {
     float *w3;   /* (E, F, H): up projection of each expert; NULL for
                     MOE_EXPERT_DENSE */
     float *w2;   /* (E, H, F): down projection of each expert (Switch: wo) */
+    /* The experts that w1, w3 and w2 hold: expert e sits at index
+     * e - expert_first. All E (0, E) unless a rank under MPI loaded only
+     * its own; the golden path needs all of them. */
+    int64_t expert_first, expert_count;
     enum moe_expert_kind expert_kind;
     enum moe_activation activation;
     struct moe_capacity capacity;
@@ -174,7 +178,15 @@ void moe_fill_uniform(float *dst, int64_t count, uint64_t seed,
 int moe_weights_alloc(struct moe_weights *weights, const struct moe_shape *shape,
                       int with_score_bias, int with_shared_gate);
 
-/* Draws every allocated array of `weights` from `seed`. */
+/* Like moe_weights_alloc(), but the expert arrays hold only experts
+ * [first, first + count), so a rank that owns those experts needs no
+ * memory for the others. */
+int moe_weights_alloc_experts(struct moe_weights *weights, const struct moe_shape *shape,
+                              int64_t first, int64_t count, int with_score_bias,
+                              int with_shared_gate);
+
+/* Draws every allocated array of `weights` from `seed`. An expert gets the
+ * same values whichever slice holds it. */
 void moe_weights_fill_random(struct moe_weights *weights, uint64_t seed);
 
 /* Allocates the weights for `shape`, without score bias or shared gate, and

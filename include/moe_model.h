@@ -158,4 +158,11 @@ void moe_model_shape(const struct moe_model_config *config, int64_t tokens,
 int moe_model_load_layer(const char *dir, const struct moe_model_config *config,
                          int64_t layer, int64_t tokens, struct moe_weights *weights);
 
+/* Like moe_model_load_layer(), but reads only experts [first, first +
+ * count) of the layer (the router and the shared expert always), so that
+ * an MPI rank holds only the experts it owns. */
+int moe_model_load_layer_experts(const char *dir, const struct moe_model_config *config,
+                                 int64_t layer, int64_t tokens, int64_t first,
+                                 int64_t count, struct moe_weights *weights);
+
 #endif

@@ -43,6 +43,13 @@ struct moe_run_options {
     /* Observability: */
     const char *stats_path;   /* --stats JSON, or NULL */
     const char *trace_path;   /* --trace JSON, or NULL */
+    /* Transport and check: */
+    int transport;            /* enum moe_transport_kind */
+    int check;                /* 1: run the golden check; 0: --check off */
+    int ranks_given;          /* --ranks was on the command line */
+    /* Set by the MPI driver: this process loads only the experts that rank
+     * slice_rank of slice_ranks owns. slice_ranks 0 loads all. */
+    int slice_rank, slice_ranks;
 };
 
 /* Fills the built-in defaults: 4 ranks and a Mixtral-like shape scaled down
@@ -133,6 +140,14 @@ struct moe_run_result {
     char failure[MOE_MAX_RANKS][MOE_ERROR_TEXT_BYTES + 64];
     int failures;
 };
+
+/* Runs the layer under mpirun, one rank per MPI process, over the MPI
+ * transport. Every process calls it; rank 0 gathers the results, runs the
+ * golden check and fills `result`, and *is_root tells the caller which
+ * process prints the report. A failure on one rank after the set-up ends
+ * the job through MPI_Abort with status 3. Returns as moe_run(). */
+int moe_run_mpi(const struct moe_run_options *options, struct moe_run_result *result,
+                int *is_root);
 
 /* Runs the layer on R ranks and checks it against the golden path.
  * Returns 0 when the check ran (see result->check), -EINVAL for bad input,

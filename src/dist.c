@@ -610,6 +610,15 @@ int moe_dist_rank_new(const struct moe_dist_env *env, const struct moe_dist_inpu
     moe_block_range(s->tokens, R, me, &f->token_first, &f->tokens);
     moe_block_range(E, R, me, &f->expert_first, &f->experts);
     int64_t n = f->tokens;
+    const struct moe_weights *w = in->weights;
+    if (f->experts > 0 && (w->expert_first > f->expert_first ||
+                           w->expert_first + w->expert_count < f->expert_first + f->experts)) {
+        moe_dist_rank_free(f);
+        return moe_fail(-EINVAL, "rank %d: the weights hold experts from %lld, %lld of "
+                        "them, but this rank owns %lld from %lld", me,
+                        (long long)w->expert_first, (long long)w->expert_count,
+                        (long long)f->experts, (long long)f->expert_first);
+    }
 
     f->logits = malloc((size_t)(n * E + 1) * sizeof(float));
     f->probs = malloc((size_t)(n * E + 1) * sizeof(float));

@@ -102,11 +102,11 @@ static void dense_expert_forward(const float *x, int64_t rows, int64_t hidden,
 void moe_expert_run(const struct moe_weights *w, int64_t e, const float *x,
                     int64_t rows, float *scratch, float *y)
 {
-    int64_t H = w->shape.hidden, F = w->shape.ffn;
+    int64_t H = w->shape.hidden, F = w->shape.ffn, at = e - w->expert_first;
     if (w->expert_kind == MOE_EXPERT_DENSE)
-        dense_expert_forward(x, rows, H, F, w->w1 + e * F * H, w->w2 + e * H * F,
+        dense_expert_forward(x, rows, H, F, w->w1 + at * F * H, w->w2 + at * H * F,
                              w->activation, scratch, y);
     else
-        moe_expert_forward(x, rows, H, F, w->w1 + e * F * H, w->w3 + e * F * H,
-                           w->w2 + e * H * F, scratch, y);
+        moe_expert_forward(x, rows, H, F, w->w1 + at * F * H, w->w3 + at * F * H,
+                           w->w2 + at * H * F, scratch, y);
 }

@@ -25,6 +25,12 @@ int moe_golden_forward(const struct moe_weights *weights, const float *x,
     int64_t T = s->tokens, H = s->hidden, F = s->ffn, E = s->experts,
             K = s->top_k;
     int rc = 0;
+    if (weights->expert_first != 0 || weights->expert_count != E)
+        return moe_fail(-EINVAL, "golden path: the weights hold experts %lld to %lld "
+                        "of %lld; the golden path needs all of them",
+                        (long long)weights->expert_first,
+                        (long long)(weights->expert_first + weights->expert_count - 1),
+                        (long long)E);
 
     float *logits = malloc((size_t)(T * E + 1) * sizeof(float));
     float *probs = malloc((size_t)(T * E + 1) * sizeof(float));

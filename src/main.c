@@ -11,9 +11,11 @@
 #include "moe_launch.h"
 #include "moe_make_layer.h"
 #include "moe_run.h"
+#include "moe_transport.h"
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum {
@@ -48,6 +50,8 @@ static int exit_status_for(int rc)
     return rc == -EINVAL ? EXIT_USAGE : EXIT_RUNTIME;
 }
 
+static int command_run_mpi(const struct moe_run_options *options);
+
 static int command_run(int argc, char **argv)
 {
     struct moe_run_options options;
@@ -58,11 +62,17 @@ static int command_run(int argc, char **argv)
         return 0;
     }
     if (rc) {
-        fprintf(stderr, "moe-ep run: %s\n", moe_error_message());
+        /* Under mpirun every rank parses the same flags; one message is
+         * enough. */
+        const char *mpi_rank = getenv("OMPI_COMM_WORLD_RANK");
+        if (!mpi_rank || !strcmp(mpi_rank, "0"))
+            fprintf(stderr, "moe-ep run: %s\n", moe_error_message());
         return EXIT_USAGE;
     }
 
     struct moe_run_result result;
+    if (options.transport == MOE_TRANSPORT_MPI)
+        return command_run_mpi(&options);
     rc = moe_run(&options, &result);
     if (rc) {
         for (int i = 0; i < result.failures; i++)
@@ -84,6 +94,35 @@ static int command_run(int argc, char **argv)
     int status = result.check.equal && result.stage_mismatch < 0 && result.kept_equal &&
                  result.routing_mismatch_step < 0 ? 0 : EXIT_MISMATCH;
     moe_run_result_free(&result);
+    return status;
+}
+
+/* `moe-ep run --transport mpi`, in every process that mpirun started. Rank
+ * 0 prints the report; a rank that fails after the set-up ends the job
+ * through MPI_Abort with status 3. */
+static int command_run_mpi(const struct moe_run_options *options)
+{
+    int rc = moe_transport_mpi_init(NULL, NULL);
+    if (rc) {
+        fprintf(stderr, "moe-ep run: %s\n", moe_error_message());
+        return rc == -EINVAL ? EXIT_USAGE : EXIT_RUNTIME;
+    }
+    struct moe_run_result result;
+    int is_root = 0;
+    rc = moe_run_mpi(options, &result, &is_root);
+    int status = 0;
+    if (rc) {
+        if (is_root && moe_error_message()[0])
+            fprintf(stderr, "moe-ep run: %s\n", moe_error_message());
+        status = exit_status_for(rc);
+    } else if (is_root) {
+        moe_run_print_report(stdout, &result);
+        status = result.check.equal && result.stage_mismatch < 0 && result.kept_equal &&
+                 result.routing_mismatch_step < 0 ? 0 : EXIT_MISMATCH;
+    }
+    moe_run_result_free(&result);
+    fflush(NULL);
+    moe_transport_mpi_finalize();
     return status;
 }
 

@@ -656,13 +656,14 @@ static int read_layer(struct moe_st_model *st, const struct moe_model_config *c,
     if (w->score_bias &&
         (rc = read_tensor(st, c, layer, MOE_TENSOR_SCORE_BIAS, 0, 1, 1, E, w->score_bias)))
         return rc;
-    for (int64_t e = 0; e < E; e++) {
+    for (int64_t e = w->expert_first; e < w->expert_first + w->expert_count; e++) {
+        int64_t at = e - w->expert_first;
         if ((rc = read_tensor(st, c, layer, MOE_TENSOR_EXPERT_GATE, e, 2, F, H,
-                              w->w1 + e * F * H)) ||
+                              w->w1 + at * F * H)) ||
             (w->w3 && (rc = read_tensor(st, c, layer, MOE_TENSOR_EXPERT_UP, e, 2, F, H,
-                                        w->w3 + e * F * H))) ||
+                                        w->w3 + at * F * H))) ||
             (rc = read_tensor(st, c, layer, MOE_TENSOR_EXPERT_DOWN, e, 2, H, F,
-                              w->w2 + e * H * F)))
+                              w->w2 + at * H * F)))
             return rc;
     }
     if (Fs > 0) {
@@ -684,6 +685,13 @@ static int read_layer(struct moe_st_model *st, const struct moe_model_config *c,
 int moe_model_load_layer(const char *dir, const struct moe_model_config *c,
                          int64_t layer, int64_t tokens, struct moe_weights *w)
 {
+    return moe_model_load_layer_experts(dir, c, layer, tokens, 0, c->experts, w);
+}
+
+int moe_model_load_layer_experts(const char *dir, const struct moe_model_config *c,
+                                 int64_t layer, int64_t tokens, int64_t first,
+                                 int64_t count, struct moe_weights *w)
+{
     memset(w, 0, sizeof *w);
     if (!moe_model_is_moe_layer(c, layer))
         return reject_layer(c, layer);
@@ -696,8 +704,9 @@ int moe_model_load_layer(const char *dir, const struct moe_model_config *c,
         return rc;
     moe_st_set_fp8_block(st, c->fp8_block_rows, c->fp8_block_cols);
 
-    rc = moe_weights_alloc(w, &shape, c->family->id == MOE_FAMILY_DEEPSEEK_V3,
-                           c->family->shared == MOE_SHARED_GATED);
+    rc = moe_weights_alloc_experts(w, &shape, first, count,
+                                   c->family->id == MOE_FAMILY_DEEPSEEK_V3,
+                                   c->family->shared == MOE_SHARED_GATED);
     if (rc == 0) {
         w->router = c->router;
         w->expert_kind = c->expert_kind;

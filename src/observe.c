@@ -118,7 +118,8 @@ int moe_run_write_stats(const char *path, const struct moe_run_result *r)
     cJSON_AddNumberToObject(config, "steps", (double)o->steps);
     cJSON_AddNumberToObject(config, "skew", o->skew);
     cJSON_AddNumberToObject(config, "bias_update_rate", o->bias_update_rate);
-    cJSON_AddStringToObject(config, "transport", "shm");
+    cJSON_AddStringToObject(config, "transport",
+                            o->transport == MOE_TRANSPORT_MPI ? "mpi" : "shm");
     if (r->capacity.limit >= 0) {
         cJSON_AddNumberToObject(config, "capacity", (double)r->capacity.limit);
         cJSON_AddStringToObject(config, "drop_policy",
@@ -202,6 +203,7 @@ int moe_run_write_stats(const char *path, const struct moe_run_result *r)
     cJSON_AddItemToObject(root, "aux_losses", losses_json(&l));
 
     cJSON *check = cJSON_AddObjectToObject(root, "golden_check");
+    cJSON_AddBoolToObject(check, "ran", o->check);
     cJSON_AddBoolToObject(check, "output_bitwise_equal", r->check.equal);
     cJSON_AddNumberToObject(check, "mismatches", (double)r->check.mismatches);
     cJSON_AddBoolToObject(check, "drops_equal", r->kept_equal);

@@ -267,9 +267,13 @@ void moe_run_print_report(FILE *out, const struct moe_run_result *r)
         fprintf(out, "  tokens: %s", o->input_path);
     else
         fprintf(out, "  tokens: random, seed %" PRIu64, o->seed);
-    fprintf(out, "; ring %" PRIu64 " bytes x %d; timeout %g s; %ld cores online\n",
-            o->ring_bytes, o->ranks * o->ranks, o->timeout_seconds,
-            sysconf(_SC_NPROCESSORS_ONLN));
+    if (o->transport == MOE_TRANSPORT_MPI)
+        fprintf(out, "; transport mpi (one rank per MPI process); timeout %g s\n",
+                o->timeout_seconds);
+    else
+        fprintf(out, "; transport shm, ring %" PRIu64 " bytes x %d; timeout %g s; "
+                "%ld cores online\n", o->ring_bytes, o->ranks * o->ranks,
+                o->timeout_seconds, sysconf(_SC_NPROCESSORS_ONLN));
 
     print_layer(out, r);
     print_routing(out, r);
@@ -287,6 +291,10 @@ void moe_run_print_report(FILE *out, const struct moe_run_result *r)
     if (!r->kept_equal)
         fprintf(out, "\ngolden check: MISMATCH in which assignments were dropped\n");
     const struct moe_compare *c = &r->check;
+    if (!o->check) {
+        fprintf(out, "\ngolden check: skipped (--check off)\n");
+        return;
+    }
     if (c->equal) {
         fprintf(out, "\ngolden check: bitwise equal (%" PRId64 " values)\n",
                 s->tokens * s->hidden);

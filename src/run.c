@@ -16,6 +16,7 @@
 #include "moe_error.h"
 #include "moe_model.h"
 #include "moe_npy.h"
+#include "moe_transport.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -48,6 +49,8 @@ void moe_run_options_default(struct moe_run_options *o)
         .expert_capacity = -1,
         .drop_policy = -1,
         .steps = 1,
+        .transport = MOE_TRANSPORT_SHM,
+        .check = 1,
     };
 }
 
@@ -98,6 +101,11 @@ void moe_run_usage(FILE *out)
         "  --stats FILE      write the report's figures as JSON\n"
         "  --trace FILE      write a Chrome trace (Perfetto, chrome://tracing) with a\n"
         "                    track per rank, its steps and its waits on peers\n"
+        "  --transport T     shm (rank processes on this machine) or mpi (one\n"
+        "                    rank per process of `mpirun -np R moe-ep run ...`,\n"
+        "                    where --ranks is not used) [shm]\n"
+        "  --check on|off    run the golden check; off for layers too big for\n"
+        "                    one process [on]\n"
         "  --input FILE      .npy array (T, H) of tokens, float32, float16 or\n"
         "                    float64, used instead of random ones; sets T and H\n"
         "  --output FILE     write the layer output (T, H) as a float32 .npy file\n"
@@ -129,7 +137,8 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
             "--seed", "--input", "--output", "--timeout", "--ring-size", "--model",
             "--layer", "--dump", "--router", "--renormalize", "--scaling-factor",
             "--capacity-factor", "--min-capacity", "--expert-capacity", "--drop-policy",
-            "--skew", "--steps", "--bias-update-rate", "--stats", "--trace", NULL,
+            "--skew", "--steps", "--bias-update-rate", "--stats", "--trace",
+            "--transport", "--check", NULL,
         };
         const char *text;
         if ((rc = moe_next_option("run", known, argc, argv, &i, &text)))
@@ -143,6 +152,15 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
             if ((rc = moe_parse_int64(flag, text, 1, MOE_MAX_RANKS, &v)))
                 return rc;
             o->ranks = (int)v;
+            o->ranks_given = 1;
+        } else if (!strcmp(flag, "--transport")) {
+            enum moe_transport_kind kind;
+            if ((rc = moe_transport_parse_kind(flag, text, &kind)))
+                return rc;
+            o->transport = kind;
+        } else if (!strcmp(flag, "--check")) {
+            if ((rc = moe_parse_on_off(flag, text, &o->check)))
+                return rc;
         } else if (!strcmp(flag, "--tokens")) {
             if ((rc = moe_parse_int64(flag, text, 1, MAX_TOKENS, &o->shape.tokens)))
                 return rc;
@@ -254,6 +272,12 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
                         "used with --model: the model's config.json sets them");
     if (o->layer >= 0 && !o->model_dir)
         return moe_fail(-EINVAL, "--layer needs --model");
+    if (o->transport == MOE_TRANSPORT_MPI && o->ranks_given)
+        return moe_fail(-EINVAL, "invalid --ranks with --transport mpi: mpirun -np "
+                        "sets the rank count");
+    if (o->dump_dir && !o->check)
+        return moe_fail(-EINVAL, "--dump cannot be used with --check off: the dump "
+                        "checks every stage against the golden path");
     if (o->min_capacity > 0 && !o->capacity_factor_given)
         return moe_fail(-EINVAL, "--min-capacity %" PRId64 " needs --capacity-factor",
                         o->min_capacity);
@@ -485,6 +509,15 @@ static int apply_layer_options(const struct moe_run_options *o, struct moe_weigh
     return 0;
 }
 
+/* Checks that the layer fits this machine. An MPI rank that loads only
+ * its own experts is not checked; its share is what it allocates. */
+static int check_memory(const struct moe_run_options *o)
+{
+    if (o->slice_ranks > 0)
+        return 0;
+    return moe_run_check_memory(&o->shape, o->dump_dir != NULL);
+}
+
 /* Builds a random layer and its tokens from the options. */
 static int build_random_layer(struct moe_run_result *result, float **tokens,
                               struct moe_weights *weights)
@@ -493,10 +526,16 @@ static int build_random_layer(struct moe_run_result *result, float **tokens,
     int rc;
     /* Check the memory first when the shape is known, so that a layer too
      * large for this machine is rejected before anything is allocated. */
-    if (!o->input_path && (rc = moe_run_check_memory(&o->shape, o->dump_dir != NULL)))
+    if (!o->input_path && (rc = check_memory(o)))
         return rc;
-    if ((rc = load_tokens(o, tokens)) || (rc = moe_run_check_memory(&o->shape, o->dump_dir != NULL)) ||
-        (rc = moe_weights_init_random(weights, &o->shape, o->seed)))
+    if ((rc = load_tokens(o, tokens)) || (rc = check_memory(o)))
+        return rc;
+    int64_t first = 0, count = o->shape.experts;
+    if (o->slice_ranks > 0)
+        moe_block_range(o->shape.experts, o->slice_ranks, o->slice_rank, &first, &count);
+    if ((rc = moe_weights_alloc_experts(weights, &o->shape, first, count, 0, 0)) == 0)
+        moe_weights_fill_random(weights, o->seed);
+    if (rc)
         return rc;
     result->family = "random";
     return 0;
@@ -520,15 +559,19 @@ static int build_model_layer(struct moe_run_result *result, float **tokens,
         goto out;
     }
     moe_model_shape(&config, o->shape.tokens, &o->shape);
+    int64_t first = 0, count = o->shape.experts;
+    if (o->slice_ranks > 0)
+        moe_block_range(o->shape.experts, o->slice_ranks, o->slice_rank, &first, &count);
     if (!moe_model_is_moe_layer(&config, layer) || (!o->input_path &&
-                                                    (rc = moe_run_check_memory(&o->shape, o->dump_dir != NULL)))) {
+                                                    (rc = check_memory(o)))) {
         /* moe_model_load_layer() explains a dense layer */
         if (rc == 0)
             rc = moe_model_load_layer(o->model_dir, &config, layer, o->shape.tokens, weights);
         goto out;
     }
-    if ((rc = load_tokens(o, tokens)) || (rc = moe_run_check_memory(&o->shape, o->dump_dir != NULL)) ||
-        (rc = moe_model_load_layer(o->model_dir, &config, layer, o->shape.tokens, weights)))
+    if ((rc = load_tokens(o, tokens)) || (rc = check_memory(o)) ||
+        (rc = moe_model_load_layer_experts(o->model_dir, &config, layer, o->shape.tokens,
+                                           first, count, weights)))
         goto out;
     result->family = config.family->model_type;
     result->layer = layer;
@@ -697,16 +740,18 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
     return rc;
 }
 
-static int run_blocked(struct moe_run_result *result)
+/* Checks the output paths, builds the layer and its tokens, applies the
+ * options, and allocates the result's arrays. */
+static int prepare_run(struct moe_run_result *result, struct moe_weights *weights,
+                       float **tokens)
 {
     struct moe_run_options *o = &result->options;
-    struct moe_weights weights = {0};
-    float *tokens = NULL;
-    struct moe_launch launch = {.fd = -1};
     int rc;
 
     result->layer = -1;
     result->stage_mismatch = -1;
+    result->routing_mismatch_step = -1;
+    result->kept_equal = 1;
     if (o->output_path && (rc = moe_check_output_path("--output", o->output_path)))
         return rc;
     if (o->stats_path && (rc = moe_check_output_path("--stats", o->stats_path)))
@@ -717,21 +762,19 @@ static int run_blocked(struct moe_run_result *result)
         return rc;
     const struct moe_shape *s = &o->shape;
     if (o->model_dir)
-        rc = build_model_layer(result, &tokens, &weights);
+        rc = build_model_layer(result, tokens, weights);
     else
-        rc = build_random_layer(result, &tokens, &weights);
-    if (rc || (rc = apply_router_options(o, &weights)) ||
-        (rc = apply_layer_options(o, &weights)))
-        goto out;
-    result->router = weights.router;
-    result->capacity = weights.capacity;
-    result->aux_loss_coef = weights.aux_loss_coef;
-    result->z_loss_coef = weights.z_loss_coef;
+        rc = build_random_layer(result, tokens, weights);
+    if (rc || (rc = apply_router_options(o, weights)) ||
+        (rc = apply_layer_options(o, weights)))
+        return rc;
+    result->router = weights->router;
+    result->capacity = weights->capacity;
+    result->aux_loss_coef = weights->aux_loss_coef;
+    result->z_loss_coef = weights->z_loss_coef;
     moe_blas_init();
 
     int64_t values = s->tokens * s->hidden, E = s->experts, R = o->ranks;
-    struct moe_run_area_spec spec = {.dump = o->dump_dir != NULL, .steps = o->steps,
-                                     .trace = o->trace_path != NULL};
     result->stats_len = moe_router_stats_len(E);
     result->output = moe_alloc_large((size_t)values * sizeof(float));
     result->golden = moe_alloc_large((size_t)values * sizeof(float));
@@ -741,13 +784,59 @@ static int run_blocked(struct moe_run_result *result)
     result->stats = malloc((size_t)(o->steps * result->stats_len) * sizeof(int64_t));
     result->dropped = malloc((size_t)(o->steps * E) * sizeof(int64_t));
     if (!result->output || !result->golden || !result->counts || !result->kept_counts ||
-        !result->kept || !result->stats || !result->dropped) {
-        rc = moe_fail(-ENOMEM, "out of memory for the output of %" PRId64
-                      " tokens", s->tokens);
-        goto out;
+        !result->kept || !result->stats || !result->dropped)
+        return moe_fail(-ENOMEM, "out of memory for the output of %" PRId64
+                        " tokens", s->tokens);
+    return 0;
+}
+
+/* Runs the golden check unless --check off, then writes the files. */
+static int finish_run(struct moe_run_result *result, const struct moe_weights *weights,
+                      const float *tokens)
+{
+    const struct moe_run_options *o = &result->options;
+    const struct moe_shape *s = &o->shape;
+    int rc = 0;
+    if ((result->launcher_signal = pending_stop_signal()))
+        return -ECANCELED;
+    if (o->check) {
+        moe_fault_inject("launcher", "golden");
+        int64_t start = moe_now_ns();
+        if ((rc = golden_steps(result, weights, tokens)))
+            return rc;
+        result->golden_ns = moe_now_ns() - start;
+    } else {
+        result->check = (struct moe_compare){.equal = 1, .first = -1};
     }
 
+    if ((result->launcher_signal = pending_stop_signal()))
+        return -ECANCELED;
+    if (o->output_path)
+        rc = moe_npy_write_f32(o->output_path, result->output, s->tokens, s->hidden);
+    if (rc == 0 && o->dump_dir)
+        rc = moe_dump_write(o->dump_dir, result,
+                            result->last_tokens ? result->last_tokens : tokens);
+    if (rc == 0 && o->stats_path)
+        rc = moe_run_write_stats(o->stats_path, result);
+    if (rc == 0 && o->trace_path)
+        rc = moe_run_write_trace(o->trace_path, result);
+    return rc;
+}
+
+static int run_blocked(struct moe_run_result *result)
+{
+    struct moe_run_options *o = &result->options;
+    struct moe_weights weights = {0};
+    float *tokens = NULL;
+    struct moe_launch launch = {.fd = -1};
+    const struct moe_shape *s = &o->shape;
+    int rc = prepare_run(result, &weights, &tokens);
+    if (rc)
+        goto out;
+
     /* Distributed forward. */
+    struct moe_run_area_spec spec = {.dump = o->dump_dir != NULL, .steps = o->steps,
+                                     .trace = o->trace_path != NULL};
     struct moe_dist_input input = {.weights = &weights, .tokens = tokens,
                                    .seed = o->seed, .draw_tokens = !o->input_path,
                                    .bias_update_rate = (float)o->bias_update_rate};
@@ -801,32 +890,8 @@ static int run_blocked(struct moe_run_result *result)
     corrupt_stage_for_testing(result);
     corrupt_kept_for_testing(result->kept, s->tokens * s->top_k);
     moe_launch_destroy(&launch);
-    corrupt_for_testing(result->output, values);
-
-    /* Golden path and check. */
-    if ((result->launcher_signal = pending_stop_signal())) {
-        rc = -ECANCELED;
-        goto out;
-    }
-    moe_fault_inject("launcher", "golden");
-    int64_t start = moe_now_ns();
-    if ((rc = golden_steps(result, &weights, tokens)))
-        goto out;
-    result->golden_ns = moe_now_ns() - start;
-
-    if ((result->launcher_signal = pending_stop_signal())) {
-        rc = -ECANCELED;
-        goto out;
-    }
-    if (o->output_path)
-        rc = moe_npy_write_f32(o->output_path, result->output, s->tokens, s->hidden);
-    if (rc == 0 && o->dump_dir)
-        rc = moe_dump_write(o->dump_dir, result,
-                            result->last_tokens ? result->last_tokens : tokens);
-    if (rc == 0 && o->stats_path)
-        rc = moe_run_write_stats(o->stats_path, result);
-    if (rc == 0 && o->trace_path)
-        rc = moe_run_write_trace(o->trace_path, result);
+    corrupt_for_testing(result->output, s->tokens * s->hidden);
+    rc = finish_run(result, &weights, tokens);
 
 out:
     moe_launch_destroy(&launch);
@@ -854,4 +919,287 @@ void moe_run_result_free(struct moe_run_result *result)
         free(result->stage[i]);
         result->stage[i] = NULL;
     }
+}
+
+/* ---- the MPI driver ---------------------------------------------------- */
+
+/* Gathers one region of the run area to rank 0, into the same place of
+ * its area: rank r contributes units [first[r], first[r] + count[r]) of
+ * unit_bytes each. Rank 0's own units are already in place. */
+static int gather_units(struct moe_transport *t, void *area, uint64_t offset,
+                        uint64_t unit_bytes, const int64_t *first, const int64_t *count)
+{
+    int R = t->ranks, me = t->rank;
+    uint64_t *table = calloc(2 * (size_t)R, sizeof *table);
+    if (!table)
+        return moe_fail(-ENOMEM, "rank %d: out of memory for a gather", me);
+    for (int r = 1; r < R; r++) {
+        table[r] = (uint64_t)count[r] * unit_bytes;
+        table[R + r] = offset + (uint64_t)first[r] * unit_bytes;
+    }
+    const char *send = (const char *)area + offset + (uint64_t)first[me] * unit_bytes;
+    uint64_t send_bytes = me == 0 ? 0 : (uint64_t)count[me] * unit_bytes;
+    int rc = moe_transport_gatherv(t, send, send_bytes, area, table, table + R, 0);
+    free(table);
+    return rc;
+}
+
+/* Gathers a region of which each rank wrote its own token block. */
+static int gather_token_blocks(struct moe_transport *t, void *area, uint64_t offset,
+                               uint64_t bytes_per_token, int64_t tokens)
+{
+    int R = t->ranks;
+    int64_t first[MOE_MAX_RANKS], count[MOE_MAX_RANKS];
+    for (int r = 0; r < R; r++)
+        moe_block_range(tokens, R, r, &first[r], &count[r]);
+    return gather_units(t, area, offset, bytes_per_token, first, count);
+}
+
+/* Gathers a region of which rank r wrote entry r. */
+static int gather_per_rank(struct moe_transport *t, void *area, uint64_t offset,
+                           uint64_t entry_bytes)
+{
+    int64_t first[MOE_MAX_RANKS], count[MOE_MAX_RANKS];
+    for (int r = 0; r < t->ranks; r++) {
+        first[r] = r;
+        count[r] = 1;
+    }
+    return gather_units(t, area, offset, entry_bytes, first, count);
+}
+
+/* Gathers an int64 array of `rows` rows of E, of which each rank wrote the
+ * columns of the experts it owns, and merges the columns on rank 0. */
+static int gather_expert_columns(struct moe_transport *t, void *area, uint64_t offset,
+                                 int64_t rows, int64_t experts)
+{
+    int R = t->ranks, me = t->rank;
+    uint64_t bytes = (uint64_t)(rows * experts) * sizeof(int64_t);
+    int64_t *all = me == 0 ? malloc((size_t)R * bytes + 1) : NULL;
+    uint64_t *table = calloc(2 * (size_t)R, sizeof *table);
+    int rc = 0;
+    if ((me == 0 && !all) || !table) {
+        rc = moe_fail(-ENOMEM, "rank %d: out of memory for a gather", me);
+        goto out;
+    }
+    for (int r = 0; r < R; r++) {
+        table[r] = bytes;
+        table[R + r] = (uint64_t)r * bytes;
+    }
+    int64_t *mine = (int64_t *)((char *)area + offset);
+    rc = moe_transport_gatherv(t, mine, bytes, all, table, table + R, 0);
+    if (rc == 0 && me == 0)
+        for (int r = 1; r < R; r++) {
+            int64_t first, count;
+            moe_block_range(experts, R, r, &first, &count);
+            const int64_t *theirs = all + (int64_t)r * rows * experts;
+            for (int64_t row = 0; row < rows; row++)
+                for (int64_t e = first; e < first + count; e++)
+                    mine[row * experts + e] = theirs[row * experts + e];
+        }
+out:
+    free(all);
+    free(table);
+    return rc;
+}
+
+/* Collects every rank's part of the run area and its step times on rank
+ * 0, so that rank 0's area reads as the shared segment's would. */
+static int gather_run_area(struct moe_transport *t, void *area,
+                           struct moe_rank_slot *slot, struct moe_run_result *result)
+{
+    struct moe_run_area *a = area;
+    const struct moe_shape *s = &a->shape;
+    int64_t T = s->tokens, H = s->hidden, E = s->experts, K = s->top_k;
+    int R = t->ranks, me = t->rank;
+    int64_t *counts = moe_run_area_counts(area);
+    int rc;
+
+    /* Every rank needs the whole routed layout to find where its received
+     * rows sit in the dump. */
+    int64_t *row = malloc((size_t)E * sizeof(int64_t) + 1);
+    if (!row)
+        return moe_fail(-ENOMEM, "rank %d: out of memory", me);
+    memcpy(row, counts + me * E, (size_t)E * sizeof(int64_t));
+    rc = moe_transport_allgather(t, row, (uint64_t)E * sizeof(int64_t), counts);
+    free(row);
+    if (rc == 0)
+        rc = gather_token_blocks(t, area, a->output_offset, (uint64_t)H * sizeof(float), T);
+    if (rc == 0)
+        rc = gather_token_blocks(t, area, a->kept_offset, (uint64_t)K, T);
+    if (rc == 0)
+        rc = gather_expert_columns(t, area, a->kept_counts_offset, R, E);
+    if (rc == 0)
+        rc = gather_expert_columns(t, area, a->dropped_offset, a->steps, E);
+    if (rc == 0)
+        rc = gather_per_rank(t, area, a->rank_report_offset, sizeof(struct moe_rank_report));
+    if (rc == 0 && a->trace_offset)
+        rc = gather_per_rank(t, area, a->trace_offset,
+                             (uint64_t)a->trace_capacity * sizeof(struct moe_trace_event));
+    if (rc == 0 && a->dump) {
+        struct {
+            uint64_t offset, bytes_per_token;
+        } stages[] = {
+            {a->logits_offset, (uint64_t)E * 4},     {a->scores_offset, (uint64_t)E * 4},
+            {a->ids_offset, (uint64_t)K * 4},        {a->weights_offset, (uint64_t)K * 4},
+            {a->expert_out_offset, (uint64_t)(K * H) * 4},
+            {a->shared_out_offset, (uint64_t)H * 4},
+        };
+        for (size_t i = 0; rc == 0 && i < sizeof stages / sizeof stages[0]; i++)
+            if (stages[i].offset)
+                rc = gather_token_blocks(t, area, stages[i].offset,
+                                         stages[i].bytes_per_token, T);
+        /* Rank r's received rows start after those routed to lower ranks'
+         * experts. */
+        int64_t first[MOE_MAX_RANKS], count[MOE_MAX_RANKS], before = 0;
+        for (int r = 0; r < R; r++) {
+            int64_t efirst, ecount;
+            moe_block_range(E, R, r, &efirst, &ecount);
+            first[r] = before;
+            count[r] = moe_run_area_report(area, r)->received_rows;
+            for (int src = 0; src < R; src++)
+                for (int64_t e = efirst; e < efirst + ecount; e++)
+                    before += counts[src * E + e];
+        }
+        if (rc == 0)
+            rc = gather_units(t, area, a->recv_x_offset, (uint64_t)H * sizeof(float),
+                              first, count);
+    }
+
+    /* The step times, from each rank's private slot. */
+    uint64_t times[2 * MOE_STEP_COUNT];
+    memcpy(times, slot->step_ns, sizeof slot->step_ns);
+    memcpy(times + MOE_STEP_COUNT, slot->wait_ns, sizeof slot->wait_ns);
+    uint64_t *all_times = me == 0 ? malloc((size_t)R * sizeof times) : NULL;
+    uint64_t table[2 * MOE_MAX_RANKS];
+    for (int r = 0; r < R; r++) {
+        table[r] = sizeof times;
+        table[R + r] = (uint64_t)r * sizeof times;
+    }
+    if (rc == 0 && me == 0 && !all_times)
+        rc = moe_fail(-ENOMEM, "rank 0: out of memory");
+    if (rc == 0)
+        rc = moe_transport_gatherv(t, times, sizeof times, all_times, table, table + R, 0);
+    if (rc == 0 && me == 0)
+        for (int r = 0; r < R; r++) {
+            memcpy(result->step_ns[r], all_times + r * 2 * MOE_STEP_COUNT,
+                   sizeof result->step_ns[r]);
+            memcpy(result->wait_ns[r], all_times + (r * 2 + 1) * MOE_STEP_COUNT,
+                   sizeof result->wait_ns[r]);
+            result->report[r] = *moe_run_area_report(area, r);
+        }
+    free(all_times);
+    return rc;
+}
+
+/* Agrees on the set-up's outcome: every rank learns whether any failed,
+ * and the lowest failing rank's message is the one printed. Returns the
+ * first failure's code on every rank, or 0. */
+static int agree_on_setup(struct moe_transport *t, int rc, int *print_here)
+{
+    int64_t codes[MOE_MAX_RANKS] = {0};
+    codes[t->rank] = rc;
+    int agreed = moe_transport_allreduce_i64(t, codes, t->ranks);
+    if (agreed)
+        return agreed;
+    *print_here = 0;
+    for (int r = 0; r < t->ranks; r++)
+        if (codes[r]) {
+            *print_here = r == t->rank;
+            return (int)codes[r];
+        }
+    return 0;
+}
+
+int moe_run_mpi(const struct moe_run_options *options, struct moe_run_result *result,
+                int *is_root)
+{
+    struct moe_transport t;
+    struct moe_weights weights = {0};
+    float *tokens = NULL, *area = NULL;
+    *result = (struct moe_run_result){.options = *options};
+    *is_root = 1;
+    int rc = moe_transport_mpi_open(&t, (int64_t)(options->timeout_seconds * 1e9));
+    if (rc)
+        return rc;
+    struct moe_run_options *o = &result->options;
+    int R = t.ranks, me = t.rank, print_here = 1;
+    *is_root = me == 0;
+    o->ranks = R;
+
+    /* Rank 0 holds the whole layer for the golden check; the others only
+     * their own experts. */
+    if (me != 0 || !o->check) {
+        o->slice_rank = me;
+        o->slice_ranks = R;
+    }
+    char error[MOE_ERROR_TEXT_BYTES + 64] = "";
+    if (R > MOE_MAX_RANKS)
+        rc = moe_fail(-EINVAL, "mpirun started %d ranks; at most %d are supported",
+                      R, MOE_MAX_RANKS);
+    if (rc == 0)
+        rc = prepare_run(result, &weights, &tokens);
+    if (rc)
+        snprintf(error, sizeof error, "%s", moe_error_message());
+    int agreed = agree_on_setup(&t, rc, &print_here);
+    if (agreed) {
+        /* Only the lowest failing rank keeps its message for main to print. */
+        if (rc && print_here)
+            moe_fail(agreed, "%s", error);
+        else
+            moe_fail(agreed, "%s", "");
+        *is_root = rc && print_here;
+        rc = agreed;
+        goto out;
+    }
+
+    const struct moe_shape *s = &o->shape;
+    struct moe_run_area_spec spec = {.dump = o->dump_dir != NULL, .steps = o->steps,
+                                     .trace = o->trace_path != NULL};
+    uint64_t area_bytes = moe_run_area_bytes(s, R, &spec);
+    area = moe_alloc_large((size_t)area_bytes + 1);
+    if (!area) {
+        fprintf(stderr, "moe-ep run: rank %d: out of memory for the run area\n", me);
+        moe_transport_abort(&t, 3);
+        rc = -ENOMEM;
+        goto out;
+    }
+    memset(area, 0, (size_t)area_bytes);
+    moe_run_area_init(area, s, R, &spec);
+    struct moe_rank_slot slot;
+    memset(&slot, 0, sizeof slot);
+    struct moe_dist_input input = {.weights = &weights, .tokens = tokens,
+                                   .seed = o->seed, .draw_tokens = !o->input_path,
+                                   .bias_update_rate = (float)o->bias_update_rate};
+    struct moe_dist_env env = {.transport = &t, .area = area, .area_capacity = area_bytes,
+                               .slot = &slot};
+
+    if ((rc = moe_transport_barrier(&t)) == 0) {
+        result->launch_start_ns = moe_now_ns();
+        rc = moe_dist_run(&env, &input);
+        result->forward_ns = moe_now_ns() - result->launch_start_ns;
+    }
+    if (rc == 0)
+        rc = gather_run_area(&t, area, &slot, result);
+    if (rc) {
+        /* The peers may be inside a collective that will never complete. */
+        fprintf(stderr, "moe-ep run: rank %d: %s\n", me, moe_error_message());
+        fflush(stderr);
+        moe_transport_abort(&t, 3);
+        goto out;
+    }
+    if (me == 0) {
+        if ((rc = copy_run_area(result, area)) == 0) {
+            corrupt_stage_for_testing(result);
+            corrupt_kept_for_testing(result->kept, s->tokens * s->top_k);
+            corrupt_for_testing(result->output, s->tokens * s->hidden);
+            rc = finish_run(result, &weights, tokens);
+        }
+    }
+
+out:
+    moe_transport_close(&t);
+    free(area);
+    moe_weights_free(&weights);
+    free(tokens);
+    return rc;
 }

@@ -65,18 +65,28 @@ void moe_fill_uniform(float *dst, int64_t count, uint64_t seed,
 int moe_weights_alloc(struct moe_weights *w, const struct moe_shape *shape,
                       int with_score_bias, int with_shared_gate)
 {
+    return moe_weights_alloc_experts(w, shape, 0, shape->experts, with_score_bias,
+                                     with_shared_gate);
+}
+
+int moe_weights_alloc_experts(struct moe_weights *w, const struct moe_shape *shape,
+                              int64_t first, int64_t count, int with_score_bias,
+                              int with_shared_gate)
+{
     int64_t H = shape->hidden, F = shape->ffn, E = shape->experts,
             Fs = shape->shared_ffn;
     memset(w, 0, sizeof *w);
     w->shape = *shape;
+    w->expert_first = first;
+    w->expert_count = count;
     moe_router_default(&w->router);
     w->capacity.limit = -1; /* dropless */
     w->aux_loss_coef = NAN;
     w->z_loss_coef = NAN;
     w->gate = malloc((size_t)(E * H) * sizeof(float));
-    w->w1 = moe_alloc_large((size_t)(E * F * H) * sizeof(float));
-    w->w3 = moe_alloc_large((size_t)(E * F * H) * sizeof(float));
-    w->w2 = moe_alloc_large((size_t)(E * H * F) * sizeof(float));
+    w->w1 = moe_alloc_large((size_t)(count * F * H + 1) * sizeof(float));
+    w->w3 = moe_alloc_large((size_t)(count * F * H + 1) * sizeof(float));
+    w->w2 = moe_alloc_large((size_t)(count * H * F + 1) * sizeof(float));
     int failed = !w->gate || !w->w1 || !w->w3 || !w->w2;
     if (with_score_bias) {
         w->score_bias = malloc((size_t)E * sizeof(float));
@@ -109,12 +119,14 @@ void moe_weights_fill_random(struct moe_weights *w, uint64_t seed)
      * gives logits with a standard deviation of about 1. */
     moe_fill_uniform(w->gate, E * H, seed, MOE_STREAM_GATE, 0, 0,
                      3.0f / sqrtf((float)H));
-    for (int64_t e = 0; e < E; e++) {
-        moe_fill_uniform(w->w1 + e * F * H, F * H, seed, MOE_STREAM_W1,
+    for (int64_t e = w->expert_first; e < w->expert_first + w->expert_count; e++) {
+        int64_t at = e - w->expert_first;
+        moe_fill_uniform(w->w1 + at * F * H, F * H, seed, MOE_STREAM_W1,
                          (uint32_t)e, 0, 1.0f / sqrtf((float)H));
-        moe_fill_uniform(w->w3 + e * F * H, F * H, seed, MOE_STREAM_W3,
-                         (uint32_t)e, 0, 1.0f / sqrtf((float)H));
-        moe_fill_uniform(w->w2 + e * H * F, H * F, seed, MOE_STREAM_W2,
+        if (w->w3)
+            moe_fill_uniform(w->w3 + at * F * H, F * H, seed, MOE_STREAM_W3,
+                             (uint32_t)e, 0, 1.0f / sqrtf((float)H));
+        moe_fill_uniform(w->w2 + at * H * F, H * F, seed, MOE_STREAM_W2,
                          (uint32_t)e, 0, 1.0f / sqrtf((float)F));
     }
     /* Sigmoid scores of such logits spread over about 0.2, so a bias of up

@@ -58,6 +58,8 @@ static const struct flag_spec FLAGS[] = {
     {"run", "--bias-update-rate", NUMBER, 1, "1000.5"},
     {"run", "--stats", OUTPUT, 0, NULL},
     {"run", "--trace", OUTPUT, 0, NULL},
+    {"run", "--transport", WORD, 0, NULL},
+    {"run", "--check", WORD, 0, NULL},
     {"run", "--input", INPUT, 0, NULL},
     {"run", "--output", OUTPUT, 0, NULL},
     {"run", "--dump", OUTPUT, 0, NULL},

@@ -9,7 +9,10 @@
 #   - R = 3 with a rank that fails, is killed, stalls or sends more than it
 #     announced: mpirun must exit non-zero within FAULT_LIMIT_S seconds;
 #   - invalid usage of transport_check and of `moe-ep bench --transport mpi`;
-#   - `moe-ep bench --transport mpi --quick` under mpirun -np 2.
+#   - `moe-ep bench --transport mpi --quick` under mpirun -np 2;
+#   - `moe-ep run --transport mpi` on R = 1 to 4 for several shapes, equal
+#     to the shm run and to the golden path, over TCP too, with failing
+#     ranks and with --check off.
 # In a build with MPI=0 it only checks that --transport mpi is rejected.
 # Every command runs under `timeout`. The last line is "N passed, N failed",
 # which tools/run-tests.sh adds to its totals; the exit status is 1 if any
@@ -154,6 +157,127 @@ for fault in "exit:failing on purpose" "kill:" \
         pass "$name (exit status $rc after $elapsed_ms ms)"
     fi
 done
+
+# ---- the whole layer: moe-ep run --transport mpi ------------------------
+#
+# For each shape and R = 1 to 4, the mpi run must pass its golden check
+# (exit 0) and write the same output bytes as the shm run with --ranks R.
+# The shapes cover drops under the probs policy, ranks with no token
+# (T < R), experts that do not divide over the ranks, and checkpoint
+# layers of two families.
+shapes="random-drops:--tokens 100 --hidden 64 --ffn 96 --skew 1 --capacity-factor 0.8 --drop-policy probs
+no-tokens:--tokens 2 --hidden 32 --ffn 48
+uneven:--tokens 37 --hidden 32 --ffn 48 --experts 5 --top-k 2
+qwen2_moe:--model data/layers/qwen2_moe --input data/layers/qwen2_moe/tokens.npy
+switch:--model data/layers/switch_transformers --input data/layers/switch_transformers/tokens.npy"
+old_ifs=$IFS
+IFS='
+'
+for entry in $shapes; do
+    IFS=$old_ifs
+    label=${entry%%:*}
+    args=${entry#*:}
+    for R in 1 2 3 4; do
+        name="run --transport mpi ($label), R = $R, equal to shm and golden"
+        # shellcheck disable=SC2086
+        if ! timeout -k 5 120 "$moe_ep" run --ranks "$R" $args \
+                --output "$tmp/run-shm.npy" >"$tmp/log" 2>&1; then
+            fail "$name: the shm run failed:"
+            cat "$tmp/log"
+            continue
+        fi
+        # shellcheck disable=SC2086
+        if ! timeout -k 5 120 $mpirun -np "$R" "$moe_ep" run --transport mpi $args \
+                --output "$tmp/run-mpi.npy" >"$tmp/log" 2>&1; then
+            fail "$name: the job failed:"
+            cat "$tmp/log"
+        elif ! grep -q "golden check: bitwise equal" "$tmp/log"; then
+            fail "$name: no bitwise golden check in the report:"
+            cat "$tmp/log"
+        elif ! cmp "$tmp/run-shm.npy" "$tmp/run-mpi.npy"; then
+            fail "$name: the outputs differ"
+        else
+            pass "$name"
+        fi
+    done
+    IFS='
+'
+done
+IFS=$old_ifs
+
+name="run --transport mpi over TCP on loopback, R = 3, equal to shm"
+# shellcheck disable=SC2086
+if ! timeout -k 5 120 "$moe_ep" run --ranks 3 --tokens 100 --hidden 64 --ffn 96 \
+        --output "$tmp/run-shm.npy" >"$tmp/log" 2>&1 ||
+   ! timeout -k 5 120 $mpirun -np 3 --mca btl tcp,self --mca btl_tcp_if_include lo \
+        "$moe_ep" run --transport mpi --tokens 100 --hidden 64 --ffn 96 \
+        --output "$tmp/run-mpi.npy" >"$tmp/log" 2>&1; then
+    fail "$name: a run failed:"
+    cat "$tmp/log"
+elif ! cmp "$tmp/run-shm.npy" "$tmp/run-mpi.npy"; then
+    fail "$name: the outputs differ"
+else
+    pass "$name"
+fi
+
+name="run --transport mpi writes the transport into the report and stats"
+# shellcheck disable=SC2086
+if ! timeout -k 5 120 $mpirun -np 2 "$moe_ep" run --transport mpi --tokens 64 \
+        --stats "$tmp/stats.json" >"$tmp/log" 2>&1; then
+    fail "$name: the job failed:"
+    cat "$tmp/log"
+elif ! grep -q "transport mpi" "$tmp/log" ||
+     ! grep -q '"transport":[[:space:]]*"mpi"' "$tmp/stats.json"; then
+    fail "$name: the transport is missing"
+else
+    pass "$name"
+fi
+
+name="run --transport mpi --check off skips the check and says so"
+# shellcheck disable=SC2086
+if ! timeout -k 5 120 $mpirun -np 2 "$moe_ep" run --transport mpi --tokens 64 \
+        --check off >"$tmp/log" 2>&1; then
+    fail "$name: the job failed:"
+    cat "$tmp/log"
+elif ! grep -q "golden check: skipped (--check off)" "$tmp/log"; then
+    fail "$name: no 'skipped' line:"
+    cat "$tmp/log"
+else
+    pass "$name"
+fi
+
+# A rank of the layer that dies or fails: the job must end non-zero within
+# FAULT_LIMIT_S seconds.
+for fault in "1:dispatch:kill" "2:combine:exit" "0:layout:segv"; do
+    name="run --transport mpi, rank fault $fault, the job ends"
+    start=$(date +%s%N)
+    # shellcheck disable=SC2086
+    ASAN_OPTIONS="$ASAN_OPTIONS:detect_leaks=0:handle_segv=0" MOE_EP_FAULT=$fault \
+        timeout -k 5 60 $mpirun -np 3 -x MOE_EP_FAULT "$moe_ep" run --transport mpi \
+        --tokens 64 --timeout 2 >"$tmp/log" 2>&1
+    rc=$?
+    elapsed_ms=$((($(date +%s%N) - start) / 1000000))
+    if [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ]; then
+        fail "$name: exit status $rc after $elapsed_ms ms:"
+        cat "$tmp/log"
+    elif [ "$elapsed_ms" -gt $((FAULT_LIMIT_S * 1000)) ]; then
+        fail "$name: it took $elapsed_ms ms, more than $FAULT_LIMIT_S s"
+    else
+        pass "$name (exit status $rc after $elapsed_ms ms)"
+    fi
+done
+
+expect_usage_error "run rejects --ranks with --transport mpi" \
+    "mpirun -np sets the rank count" "$moe_ep" run --transport mpi --ranks 2
+expect_usage_error "run rejects --dump with --check off" \
+    "--dump cannot be used with --check off" "$moe_ep" run --dump "$tmp/d" --check off
+expect_usage_error "run under mpirun reports a bad flag once" \
+    "invalid --tokens value 'abc'" $mpirun -np 2 "$moe_ep" run --transport mpi --tokens abc
+if [ "$(grep -c "invalid --tokens value" "$tmp/err")" -ne 1 ]; then
+    fail "run under mpirun printed the bad flag $(grep -c "invalid --tokens value" "$tmp/err") times"
+else
+    pass "run under mpirun printed the bad flag once"
+fi
 
 expect_usage_error "transport_check rejects --ranks with mpi" \
     "mpirun -np sets the rank count" "$check" --transport mpi --ranks 2
