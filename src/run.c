@@ -923,9 +923,9 @@ void moe_run_result_free(struct moe_run_result *result)
 
 /* ---- the MPI driver ---------------------------------------------------- */
 
-/* Gathers one region of the run area to rank 0, into the same place of
- * its area: rank r contributes units [first[r], first[r] + count[r]) of
- * unit_bytes each. Rank 0's own units are already in place. */
+/* Gathers one region of the run area to the same place in rank 0's area.
+ * Rank r sends units [first[r], first[r] + count[r]) of unit_bytes each,
+ * and rank 0's own units are already in place. */
 static int gather_units(struct moe_transport *t, void *area, uint64_t offset,
                         uint64_t unit_bytes, const int64_t *first, const int64_t *count)
 {
@@ -1126,8 +1126,8 @@ int moe_run_mpi(const struct moe_run_options *options, struct moe_run_result *re
     *is_root = me == 0;
     o->ranks = R;
 
-    /* Rank 0 holds the whole layer for the golden check; the others only
-     * their own experts. */
+    /* Rank 0 loads the whole layer for the golden check, and the others
+     * load only their own experts. */
     if (me != 0 || !o->check) {
         o->slice_rank = me;
         o->slice_ranks = R;
