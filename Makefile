@@ -134,13 +134,13 @@ clean:
 #   make soak        stream SOAK_RECORDS records with checksums between two
 #                    processes through one ring
 #   make test-large  run tests/large, buffers beyond 2^31 and 2^32 bytes:
-#                    about 11 GiB of memory and 2 minutes; not run in CI
+#                    about 11 GiB of memory and 1 minute; not run in CI
 
 FUZZ_BUILD    ?= build-fuzz
 FUZZ_CC       ?= clang
 FUZZ_TARGETS  := npy safetensors config ring
 FUZZ_SECONDS  ?= 60
-FUZZ_RUNS     ?= 20000
+FUZZ_RUNS     ?= 100000
 FUZZ_SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 # An input that needs more than 2 GiB or 10 s is reported as a finding.
 FUZZ_FLAGS    := -rss_limit_mb=2048 -timeout=10 -print_final_stats=1

@@ -106,8 +106,9 @@ int moe_ring_capacity_valid(uint64_t capacity);
  * check the wrap rule. Returns 0 or -EINVAL. */
 int moe_ring_init(void *memory, uint64_t capacity, uint64_t start_index);
 
-/* Attach the two sides. Each checks the ring's magic and that its capacity
- * equals `capacity`, and returns 0 or -EPROTO. */
+/* Attach the two sides. Each checks the ring's magic, that its capacity
+ * equals `capacity`, and that head and tail are multiples of 8 with head at
+ * most a capacity ahead of tail. Returns 0 or -EPROTO. */
 int moe_ring_producer_attach(struct moe_ring_producer *producer, void *memory,
                              uint64_t capacity);
 int moe_ring_consumer_attach(struct moe_ring_consumer *consumer, void *memory,
@@ -119,20 +120,25 @@ uint32_t moe_ring_max_payload(uint64_t capacity);
 /* Writes one record with the first n bytes of src, where n is the most that
  * fits now, capped at `length` and at `max_chunk` (0 means no cap). Returns
  * n, or 0 when the ring has no room, when length is 0, or when fewer than
- * 256 bytes fit while more is left to send, so that a nearly full ring is
- * not filled with tiny records. Never blocks. */
-uint32_t moe_ring_write_some(struct moe_ring_producer *producer, uint32_t tag,
-                             const void *src, uint64_t length,
-                             uint32_t max_chunk);
+ * 256 bytes fit while more is left to send. The last rule keeps a nearly
+ * full ring from filling with tiny records. Returns -EPROTO when the tail
+ * index the consumer published is invalid (see the attach checks). Never
+ * blocks. */
+int64_t moe_ring_write_some(struct moe_ring_producer *producer, uint32_t tag,
+                            const void *src, uint64_t length,
+                            uint32_t max_chunk);
 
 /* Writes the whole record or nothing. Returns 0, -EAGAIN when it does not
- * fit now, or -EINVAL when it can never fit. */
+ * fit now, -EINVAL when it can never fit, or -EPROTO when the consumer's
+ * tail index is invalid. */
 int moe_ring_try_send(struct moe_ring_producer *producer, uint32_t tag,
                       const void *payload, uint32_t length);
 
 /* Looks at the oldest record without consuming it. Returns 0, -EAGAIN when
- * the ring is empty, or -EPROTO when the header is invalid: a length beyond
- * the largest payload or beyond the bytes the producer has published. */
+ * the ring is empty, or -EPROTO when the producer's head index is invalid
+ * or the header is: a length beyond the largest payload or beyond the bytes
+ * the producer has published. Nothing the producer writes can make it read
+ * outside the data area. */
 int moe_ring_peek(struct moe_ring_consumer *consumer,
                   struct moe_ring_record *record);
 

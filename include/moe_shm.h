@@ -6,10 +6,19 @@
  * never pointers, because each process maps the segment at its own address):
  *
  *   header        struct moe_segment_header, validated by every rank
- *   rank slots    R x struct moe_rank_slot: doorbell, current step, stats
+ *   rank slots    MOE_MAX_RANKS x struct moe_rank_slot at the fixed offset
+ *                 MOE_SEGMENT_SLOTS_OFFSET; the first R are used: doorbell,
+ *                 current step, stats
  *   rings         R x R rings; ring (src, dst) is at
  *                 rings_offset + (src * R + dst) * ring_stride
  *   app area      app_bytes owned by the program that launched the run
+ *
+ * Every rank can write anywhere in the segment, so a rank treats what it
+ * reads there as untrusted. moe_comm_attach() validates a copy of the
+ * header and takes the ring positions from that copy. Ring indices and
+ * record headers are validated on every read (moe_ring.h). The slot region
+ * has room for MOE_MAX_RANKS slots, so no rank count read from the header
+ * can index past it.
  *
  * The segment is created by the launcher (moe_launch.h) and is sized once;
  * nothing in it is resized or freed while ranks run. Of a ring that carries
@@ -25,9 +34,16 @@
 #include <stdint.h>
 
 #define MOE_SEGMENT_MAGIC 0x4d48535045454f4dULL /* "MOEEPSHM" read as bytes */
-#define MOE_SEGMENT_VERSION 1
+#define MOE_SEGMENT_VERSION 2
 #define MOE_MAX_RANKS 64
 #define MOE_ERROR_TEXT_BYTES 320
+/* Offset of the rank slots: the page after the header. */
+#define MOE_SEGMENT_SLOTS_OFFSET 4096
+/* Maximum time a segment may set for polling before a sleep (spin_ns). */
+#define MOE_MAX_SPIN_NS 1000000
+/* Maximum timeout a segment may set (timeout_ns): one week. The bound
+ * keeps now + timeout far from overflowing int64. */
+#define MOE_MAX_TIMEOUT_NS (7LL * 24 * 3600 * 1000000000)
 
 /* The steps of one forward, recorded in each rank's slot so that a timeout
  * or a death can be reported with the step it happened in. */
@@ -41,6 +57,11 @@ enum moe_step {
     MOE_STEP_DONE,
     MOE_STEP_COUNT
 };
+
+/* Reads x with exactly one load, for a value that a peer may rewrite at
+ * any time, so the compiler cannot load it again after the check. It
+ * orders nothing, so it does not replace an atomic. */
+#define MOE_READ_ONCE(x) (*(const volatile __typeof__(x) *)&(x))
 
 /* Returns the step's name as used in messages ("dispatch"). */
 const char *moe_step_name(int step);
@@ -88,21 +109,35 @@ struct moe_rank_slot {
 
 static_assert(sizeof(struct moe_rank_slot) % MOE_CACHE_LINE == 0,
               "rank slots must not share cache lines");
+static_assert(sizeof(struct moe_segment_header) <= MOE_SEGMENT_SLOTS_OFFSET,
+              "the header must end before the rank slots");
 
 /* Computes the segment layout for R ranks. Returns 0 or -EINVAL when a size
  * overflows. */
 int moe_segment_layout(struct moe_segment_header *header, int ranks,
                        uint64_t ring_capacity, uint64_t app_bytes);
 
+/* Copies the plain fields of a mapped header (not the atomics) into *copy
+ * with one read each and validates the copy with moe_segment_validate()
+ * against its own size and rank count. A rank keeps the copy, because a
+ * peer can rewrite the mapped header at any time. Returns 0 or -EPROTO. */
+int moe_segment_snapshot(const struct moe_segment_header *h,
+                         struct moe_segment_header *copy);
+
 /* Validates a mapped header against the size of the mapping and the rank
- * count the caller expects. Returns 0 or -EPROTO naming the field. */
+ * count the caller expects: magic, version, struct sizes, every offset
+ * recomputed from R, the ring capacity and the app size, a timeout of 1 ns
+ * to MOE_MAX_TIMEOUT_NS and a spin time of 0 to MOE_MAX_SPIN_NS. Returns 0 or -EPROTO
+ * naming the field. */
 int moe_segment_validate(const struct moe_segment_header *header,
                          uint64_t mapped_bytes, int expected_ranks);
 
+/* The slot of `rank`, 0 <= rank < MOE_MAX_RANKS. The offset is a constant,
+ * not read from the header, so a peer cannot redirect it. */
 static inline struct moe_rank_slot *moe_segment_slot(struct moe_segment_header *h,
                                                      int rank)
 {
-    return (struct moe_rank_slot *)((uint8_t *)h + h->slots_offset) + rank;
+    return (struct moe_rank_slot *)((uint8_t *)h + MOE_SEGMENT_SLOTS_OFFSET) + rank;
 }
 
 static inline void *moe_segment_ring(struct moe_segment_header *h, int src,
@@ -131,14 +166,17 @@ static inline void moe_cpu_relax(void)
 /* Wakes `rank`: bumps its doorbell and, if it may be asleep, wakes it. */
 void moe_doorbell_ring(struct moe_segment_header *h, int rank);
 
-/* Sets the abort flag and rings every doorbell. */
+/* Sets the abort flag and rings the doorbell of every rank. It rings at
+ * most MOE_MAX_RANKS doorbells, even when the header's rank count is
+ * larger. */
 void moe_segment_abort(struct moe_segment_header *h);
 
 /* Monotonic clock in nanoseconds; every rank reads the same clock. */
 int64_t moe_now_ns(void);
 
 /* Waits until `rank`'s doorbell differs from `seen`: it polls for the
- * segment's spin_ns (at least 64 polls), then sleeps on the futex in slices
+ * segment's spin_ns, capped at MOE_MAX_SPIN_NS (at least 64 polls), then
+ * sleeps on the futex in slices
  * of at most 50 ms. Returns 0 when the doorbell moved
  * (or a slice ended, so the caller re-checks its condition), -ECANCELED when
  * the abort flag is set or the launcher has died, and -ETIMEDOUT once

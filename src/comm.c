@@ -15,8 +15,20 @@
 int moe_comm_attach(struct moe_comm *comm, struct moe_segment_header *segment,
                     int rank)
 {
-    int R = (int)segment->ranks;
+    /* Work from a validated copy of the layout from here on, so that a peer
+     * that rewrites the header later cannot move the rings or the app area
+     * under this rank. */
+    struct moe_segment_header layout;
+    int rc = moe_segment_snapshot(segment, &layout);
+    if (rc) {
+        *comm = (struct moe_comm){.rank = rank, .segment = segment};
+        return moe_fail(rc, "rank %d: %s", rank, moe_error_message());
+    }
+    int R = (int)layout.ranks;
     *comm = (struct moe_comm){.rank = rank, .ranks = R, .segment = segment};
+    if (rank < 0 || rank >= R)
+        return moe_fail(-EINVAL, "invalid rank %d: the segment has ranks 0 "
+                        "to %d", rank, R - 1);
     comm->to = calloc((size_t)R, sizeof *comm->to);
     comm->from = calloc((size_t)R, sizeof *comm->from);
     comm->sent = calloc((size_t)R, sizeof *comm->sent);
@@ -28,18 +40,22 @@ int moe_comm_attach(struct moe_comm *comm, struct moe_segment_header *segment,
 
     /* A quarter of the ring per record lets the consumer drain one chunk
      * while the producer writes the next. */
-    comm->max_chunk = (uint32_t)(segment->ring_capacity / 4);
+    uint64_t capacity = layout.ring_capacity;
+    comm->max_chunk = (uint32_t)(capacity / 4);
     if (comm->max_chunk < 256)
-        comm->max_chunk = moe_ring_max_payload(segment->ring_capacity);
+        comm->max_chunk = moe_ring_max_payload(capacity);
 
+    uint8_t *rings = (uint8_t *)segment + layout.rings_offset;
     for (int peer = 0; peer < R; peer++) {
-        int rc = moe_ring_producer_attach(&comm->to[peer],
-                                          moe_segment_ring(segment, rank, peer),
-                                          segment->ring_capacity);
+        uint64_t outgoing = (uint64_t)rank * (uint64_t)R + (uint64_t)peer;
+        uint64_t incoming = (uint64_t)peer * (uint64_t)R + (uint64_t)rank;
+        rc = moe_ring_producer_attach(&comm->to[peer],
+                                      rings + outgoing * layout.ring_stride,
+                                      capacity);
         if (rc == 0)
             rc = moe_ring_consumer_attach(&comm->from[peer],
-                                          moe_segment_ring(segment, peer, rank),
-                                          segment->ring_capacity);
+                                          rings + incoming * layout.ring_stride,
+                                          capacity);
         if (rc) {
             moe_fail(rc, "rank %d: ring with rank %d: %s", rank, peer,
                      moe_error_message());
@@ -79,9 +95,9 @@ static int drain_peer(struct moe_comm *c, int s, uint32_t tag, uint8_t *dst,
         if (rc == -EAGAIN)
             break;
         if (rc)
-            return moe_fail(rc, "rank %d: invalid record from rank %d in %s: %s",
-                            c->rank, s, moe_step_name(c->step),
-                            moe_error_message());
+            return moe_fail(rc, "rank %d: rank %d wrote an invalid record or "
+                            "head index in %s: %s", c->rank, s,
+                            moe_step_name(c->step), moe_error_message());
         if (record.tag != tag)
             return moe_fail(-EPROTO, "rank %d: record from rank %d in %s has "
                             "tag %" PRIu32 ", expected %" PRIu32
@@ -146,7 +162,14 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
         c->received[p] = p == me ? recv_bytes[p] : 0;
     }
 
-    int64_t timeout_ns = seg->timeout_ns;
+    /* Read once per call, and bounded, because any rank can write the
+     * header. */
+    int64_t timeout_ns = MOE_READ_ONCE(seg->timeout_ns);
+    if (timeout_ns <= 0 || timeout_ns > MOE_MAX_TIMEOUT_NS)
+        return moe_fail(-EPROTO, "rank %d: the segment's timeout of %lld ns "
+                        "in %s is invalid, expected 1 to %lld", me,
+                        (long long)timeout_ns, moe_step_name(c->step),
+                        (long long)MOE_MAX_TIMEOUT_NS);
     int64_t deadline = moe_now_ns() + timeout_ns;
     for (;;) {
         uint32_t seen = atomic_load_explicit(&moe_segment_slot(seg, me)->doorbell,
@@ -159,13 +182,17 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
             int d = (me + i) % R;
             if (c->sent[d] == send_bytes[d])
                 continue;
-            uint32_t n = moe_ring_write_some(&c->to[d], tag,
-                                             send_base + send_offsets[d] + c->sent[d],
-                                             send_bytes[d] - c->sent[d],
-                                             c->max_chunk);
-            if (n) {
-                c->sent[d] += n;
-                c->bytes_sent[c->step] += n;
+            int64_t n = moe_ring_write_some(&c->to[d], tag,
+                                            send_base + send_offsets[d] + c->sent[d],
+                                            send_bytes[d] - c->sent[d],
+                                            c->max_chunk);
+            if (n < 0)
+                return moe_fail((int)n, "rank %d: rank %d wrote an invalid "
+                                "tail index in %s: %s", me, d,
+                                moe_step_name(c->step), moe_error_message());
+            if (n > 0) {
+                c->sent[d] += (uint64_t)n;
+                c->bytes_sent[c->step] += (uint64_t)n;
                 moe_doorbell_ring(seg, d);
                 progress = 1;
             }

@@ -67,6 +67,26 @@ static int check_ring(const struct moe_ring *ring, uint64_t capacity)
     return 0;
 }
 
+/* Checks a pair of free-running indices read from the ring: both multiples
+ * of 8, and head at most a capacity ahead of tail. Unsigned subtraction
+ * makes a tail ahead of head look like more than a capacity, so one
+ * comparison covers both. `which` names the index that was just read. */
+static int check_indices(uint64_t head, uint64_t tail, uint64_t capacity,
+                         const char *which)
+{
+    if (head % 8 != 0 || tail % 8 != 0)
+        return moe_fail(-EPROTO, "ring %s index is invalid: head %llu and tail "
+                        "%llu must be multiples of 8", which,
+                        (unsigned long long)head, (unsigned long long)tail);
+    if (head - tail > capacity)
+        return moe_fail(-EPROTO, "ring %s index is invalid: head %llu is %s "
+                        "tail %llu by more than the capacity of %llu bytes",
+                        which, (unsigned long long)head,
+                        tail - head < head - tail ? "behind" : "ahead of",
+                        (unsigned long long)tail, (unsigned long long)capacity);
+    return 0;
+}
+
 int moe_ring_producer_attach(struct moe_ring_producer *producer, void *memory,
                              uint64_t capacity)
 {
@@ -80,7 +100,7 @@ int moe_ring_producer_attach(struct moe_ring_producer *producer, void *memory,
     /* Only this process writes head, so a relaxed load sees its own value. */
     producer->head = atomic_load_explicit(&ring->head, memory_order_relaxed);
     producer->tail_cache = atomic_load_explicit(&ring->tail, memory_order_acquire);
-    return 0;
+    return check_indices(producer->head, producer->tail_cache, capacity, "tail");
 }
 
 int moe_ring_consumer_attach(struct moe_ring_consumer *consumer, void *memory,
@@ -95,7 +115,7 @@ int moe_ring_consumer_attach(struct moe_ring_consumer *consumer, void *memory,
     consumer->capacity = capacity;
     consumer->tail = atomic_load_explicit(&ring->tail, memory_order_relaxed);
     consumer->head_cache = atomic_load_explicit(&ring->head, memory_order_acquire);
-    return 0;
+    return check_indices(consumer->head_cache, consumer->tail, capacity, "head");
 }
 
 /* Copies n bytes into the data area starting at free-running index `at`,
@@ -110,18 +130,25 @@ static void copy_in(uint8_t *data, uint64_t capacity, uint64_t at,
         memcpy(data, (const uint8_t *)src + first, n - first);
 }
 
-/* Returns the free bytes as far as the producer knows. It reloads tail only
- * when the cached value leaves fewer than `wanted` bytes free. */
-static uint64_t free_bytes(struct moe_ring_producer *p, uint64_t wanted)
+/* Sets *free_now to the free bytes by the producer's cached tail. It
+ * reloads tail only when the cached value leaves fewer than `wanted` bytes
+ * free, and validates every tail it loads, because the consumer writes it.
+ * Returns 0 or -EPROTO. */
+static int free_bytes(struct moe_ring_producer *p, uint64_t wanted,
+                      uint64_t *free_now)
 {
-    uint64_t free_now = p->capacity - (p->head - p->tail_cache);
-    if (free_now < wanted) {
-        /* Acquire pairs with the consumer's release store of tail in
-         * moe_ring_release(): the bytes below tail are no longer read. */
-        p->tail_cache = atomic_load_explicit(&p->ring->tail, memory_order_acquire);
-        free_now = p->capacity - (p->head - p->tail_cache);
-    }
-    return free_now;
+    *free_now = p->capacity - (p->head - p->tail_cache);
+    if (*free_now >= wanted)
+        return 0;
+    /* Acquire pairs with the consumer's release store of tail in
+     * moe_ring_release(): the bytes below tail are no longer read. */
+    uint64_t tail = atomic_load_explicit(&p->ring->tail, memory_order_acquire);
+    int rc = check_indices(p->head, tail, p->capacity, "tail");
+    if (rc)
+        return rc;
+    p->tail_cache = tail;
+    *free_now = p->capacity - (p->head - tail);
+    return 0;
 }
 
 static void publish_record(struct moe_ring_producer *p, uint32_t tag,
@@ -138,9 +165,9 @@ static void publish_record(struct moe_ring_producer *p, uint32_t tag,
     atomic_store_explicit(&p->ring->head, p->head, memory_order_release);
 }
 
-uint32_t moe_ring_write_some(struct moe_ring_producer *producer, uint32_t tag,
-                             const void *src, uint64_t length,
-                             uint32_t max_chunk)
+int64_t moe_ring_write_some(struct moe_ring_producer *producer, uint32_t tag,
+                            const void *src, uint64_t length,
+                            uint32_t max_chunk)
 {
     if (length == 0)
         return 0;
@@ -150,7 +177,10 @@ uint32_t moe_ring_write_some(struct moe_ring_producer *producer, uint32_t tag,
     if (want > moe_ring_max_payload(producer->capacity))
         want = moe_ring_max_payload(producer->capacity);
 
-    uint64_t room = free_bytes(producer, moe_ring_record_bytes(want));
+    uint64_t room;
+    int rc = free_bytes(producer, moe_ring_record_bytes(want), &room);
+    if (rc)
+        return rc;
     if (room <= MOE_RING_RECORD_HEADER_BYTES)
         return 0;
     /* room is a multiple of 8, so a payload of room - 8 bytes pads to at
@@ -163,7 +193,7 @@ uint32_t moe_ring_write_some(struct moe_ring_producer *producer, uint32_t tag,
     if (n < want && n < 256)
         return 0;
     publish_record(producer, tag, src, (uint32_t)n);
-    return (uint32_t)n;
+    return (int64_t)n;
 }
 
 int moe_ring_try_send(struct moe_ring_producer *producer, uint32_t tag,
@@ -173,8 +203,11 @@ int moe_ring_try_send(struct moe_ring_producer *producer, uint32_t tag,
         return moe_fail(-EINVAL, "record of %u bytes exceeds the ring's "
                         "largest payload of %u bytes", length,
                         moe_ring_max_payload(producer->capacity));
-    if (free_bytes(producer, moe_ring_record_bytes(length)) <
-        moe_ring_record_bytes(length))
+    uint64_t room;
+    int rc = free_bytes(producer, moe_ring_record_bytes(length), &room);
+    if (rc)
+        return rc;
+    if (room < moe_ring_record_bytes(length))
         return -EAGAIN;
     publish_record(producer, tag, payload, length);
     return 0;
@@ -209,16 +242,27 @@ int moe_ring_peek(struct moe_ring_consumer *consumer,
     if (c->head_cache == c->tail) {
         /* Acquire pairs with the producer's release store of head in
          * publish_record(): the record bytes below head are visible. */
-        c->head_cache = atomic_load_explicit(&c->ring->head, memory_order_acquire);
-        if (c->head_cache == c->tail)
+        uint64_t head = atomic_load_explicit(&c->ring->head, memory_order_acquire);
+        if (head == c->tail)
             return -EAGAIN;
+        int rc = check_indices(head, c->tail, c->capacity, "head");
+        if (rc)
+            return rc;
+        c->head_cache = head;
     }
 
     uint64_t available = c->head_cache - c->tail;
     uint64_t offset = c->tail & (c->capacity - 1);
+    /* Copy the header out with one load per byte, so that the length that
+     * is checked is the length that is used, even if the producer rewrites
+     * the header meanwhile. */
+    uint8_t header[MOE_RING_RECORD_HEADER_BYTES];
+    const volatile uint8_t *shared_header = c->data + offset;
+    for (int i = 0; i < MOE_RING_RECORD_HEADER_BYTES; i++)
+        header[i] = shared_header[i];
     uint32_t length, tag;
-    int rc = moe_ring_decode_header(c->data + offset, available, c->capacity,
-                                    &length, &tag);
+    int rc = moe_ring_decode_header(header, available, c->capacity, &length,
+                                    &tag);
     if (rc)
         return rc;
 

@@ -825,8 +825,9 @@ static int parse_index(struct moe_st_model *model, const char *dir,
     if (rc < 0)
         return rc;
 
-    qsort(model->entries, model->entry_count, sizeof *model->entries,
-          compare_entry_names);
+    if (model->entry_count > 1)
+        qsort(model->entries, model->entry_count, sizeof *model->entries,
+              compare_entry_names);
     for (size_t i = 1; i < model->entry_count; i++)
         if (strcmp(model->entries[i - 1].name, model->entries[i].name) == 0)
             return moe_fail(-EINVAL,
@@ -924,6 +925,8 @@ static const struct st_tensor *search_file(const struct st_file *file,
                                            const char *name)
 {
     struct st_tensor key = {.name = (char *)name};
+    if (file->tensor_count == 0)
+        return NULL;
     return bsearch(&key, file->tensors, file->tensor_count,
                    sizeof *file->tensors, compare_tensor_names);
 }
@@ -946,6 +949,7 @@ static int find_tensor(struct moe_st_model *model, const char *name,
 
     struct st_index_entry key = {.name = (char *)name};
     const struct st_index_entry *entry =
+        model->entry_count == 0 ? NULL :
         bsearch(&key, model->entries, model->entry_count,
                 sizeof *model->entries, compare_entry_names);
     if (entry == NULL)

@@ -60,9 +60,9 @@ int moe_segment_layout(struct moe_segment_header *h, int ranks,
     h->slot_bytes = sizeof(struct moe_rank_slot);
     h->ring_capacity = ring_capacity;
     h->ring_stride = align_up(moe_ring_footprint(ring_capacity), MOE_CACHE_LINE);
-    h->slots_offset = align_up(sizeof *h, 4096);
+    h->slots_offset = MOE_SEGMENT_SLOTS_OFFSET;
     h->rings_offset = align_up(h->slots_offset +
-                                   (uint64_t)ranks * sizeof(struct moe_rank_slot),
+                                   MOE_MAX_RANKS * sizeof(struct moe_rank_slot),
                                4096);
     uint64_t rings_bytes = (uint64_t)ranks * (uint64_t)ranks * h->ring_stride;
     h->app_offset = align_up(h->rings_offset + rings_bytes, 4096);
@@ -113,7 +113,40 @@ int moe_segment_validate(const struct moe_segment_header *h,
         expected.segment_bytes != h->segment_bytes)
         return moe_fail(-EPROTO, "segment header offsets do not match the "
                         "layout for %u ranks", h->ranks);
+    if (h->timeout_ns <= 0 || h->timeout_ns > MOE_MAX_TIMEOUT_NS)
+        return moe_fail(-EPROTO, "segment timeout is %lld ns, expected 1 to "
+                        "%lld", (long long)h->timeout_ns,
+                        (long long)MOE_MAX_TIMEOUT_NS);
+    if (h->spin_ns < 0 || h->spin_ns > MOE_MAX_SPIN_NS)
+        return moe_fail(-EPROTO, "segment spin time is %lld ns, expected 0 to "
+                        "%d", (long long)h->spin_ns, MOE_MAX_SPIN_NS);
     return 0;
+}
+
+int moe_segment_snapshot(const struct moe_segment_header *h,
+                         struct moe_segment_header *copy)
+{
+    *copy = (struct moe_segment_header){
+        .magic = MOE_READ_ONCE(h->magic),
+        .version = MOE_READ_ONCE(h->version),
+        .header_bytes = MOE_READ_ONCE(h->header_bytes),
+        .segment_bytes = MOE_READ_ONCE(h->segment_bytes),
+        .ranks = MOE_READ_ONCE(h->ranks),
+        .slot_bytes = MOE_READ_ONCE(h->slot_bytes),
+        .ring_capacity = MOE_READ_ONCE(h->ring_capacity),
+        .ring_stride = MOE_READ_ONCE(h->ring_stride),
+        .slots_offset = MOE_READ_ONCE(h->slots_offset),
+        .rings_offset = MOE_READ_ONCE(h->rings_offset),
+        .app_offset = MOE_READ_ONCE(h->app_offset),
+        .app_bytes = MOE_READ_ONCE(h->app_bytes),
+        .launcher_pid = MOE_READ_ONCE(h->launcher_pid),
+        .timeout_ns = MOE_READ_ONCE(h->timeout_ns),
+        .spin_ns = MOE_READ_ONCE(h->spin_ns),
+    };
+    if (copy->ranks < 1 || copy->ranks > MOE_MAX_RANKS)
+        return moe_fail(-EPROTO, "segment is laid out for %u ranks, expected "
+                        "1 to %d", copy->ranks, MOE_MAX_RANKS);
+    return moe_segment_validate(copy, copy->segment_bytes, (int)copy->ranks);
 }
 
 int64_t moe_now_ns(void)
@@ -144,7 +177,11 @@ void moe_doorbell_ring(struct moe_segment_header *h, int rank)
 void moe_segment_abort(struct moe_segment_header *h)
 {
     atomic_store_explicit(&h->abort_flag, 1, memory_order_seq_cst);
-    for (uint32_t r = 0; r < h->ranks; r++)
+    /* Read once and bounded, because a peer may have overwritten it. */
+    uint32_t ranks = MOE_READ_ONCE(h->ranks);
+    if (ranks > MOE_MAX_RANKS)
+        ranks = MOE_MAX_RANKS;
+    for (uint32_t r = 0; r < ranks; r++)
         moe_doorbell_ring(h, (int)r);
 }
 
@@ -153,7 +190,12 @@ int moe_doorbell_wait(struct moe_segment_header *h, int rank, uint32_t seen,
 {
     struct moe_rank_slot *slot = moe_segment_slot(h, rank);
 
-    int64_t spin_until = h->spin_ns > 0 ? moe_now_ns() + h->spin_ns : 0;
+    /* Read once and clamped, because a peer may have overwritten it since
+     * moe_segment_validate(). */
+    int64_t spin_ns = MOE_READ_ONCE(h->spin_ns);
+    if (spin_ns > MOE_MAX_SPIN_NS)
+        spin_ns = MOE_MAX_SPIN_NS;
+    int64_t spin_until = spin_ns > 0 ? moe_now_ns() + spin_ns : 0;
     do {
         for (int i = 0; i < SPIN_POLLS; i++) {
             if (atomic_load_explicit(&slot->doorbell, memory_order_acquire) != seen)

@@ -329,10 +329,12 @@ Test(ring, write_some_chunks, .timeout = TEST_TIMEOUT_S)
                  "an empty message wrote a record");
     uint64_t sent = 0, received = 0, records = 0;
     while (received < MESSAGE_BYTES) {
-        uint32_t n = moe_ring_write_some(&t.producer, 1, message + sent,
-                                         MESSAGE_BYTES - sent, MAX_CHUNK);
-        cr_assert_leq(n, MAX_CHUNK, "a chunk of %u bytes exceeds the cap", n);
-        sent += n;
+        int64_t n = moe_ring_write_some(&t.producer, 1, message + sent,
+                                        MESSAGE_BYTES - sent, MAX_CHUNK);
+        cr_assert_geq(n, 0, "write_some failed: %s", moe_error_message());
+        cr_assert_leq(n, MAX_CHUNK, "a chunk of %lld bytes exceeds the cap",
+                      (long long)n);
+        sent += (uint64_t)n;
 
         /* Drain one record in two of three rounds, so the ring fills up. */
         struct moe_ring_record record;
@@ -351,7 +353,7 @@ Test(ring, write_some_chunks, .timeout = TEST_TIMEOUT_S)
     expect_payload(reassembled, 42, MESSAGE_BYTES);
 
     /* Without a cap, one record carries as much as the empty ring holds. */
-    uint32_t n = moe_ring_write_some(&t.producer, 2, message, MESSAGE_BYTES, 0);
+    int64_t n = moe_ring_write_some(&t.producer, 2, message, MESSAGE_BYTES, 0);
     cr_expect_eq(n, moe_ring_max_payload(4096));
     cr_expect_eq(moe_ring_write_some(&t.producer, 2, message, MESSAGE_BYTES, 0), 0,
                  "a full ring accepted more bytes");
@@ -463,7 +465,59 @@ Test(ring, corrupt_header, .timeout = TEST_TIMEOUT_S)
     t.consumer.head_cache = t.consumer.tail;
     cr_expect_eq(moe_ring_peek(&t.consumer, &record), -EPROTO,
                  "peek accepted a head beyond the capacity");
+    cr_expect(strstr(moe_error_message(), "head index") != NULL,
+              "the message does not name the head index: \"%s\"",
+              moe_error_message());
+
+    /* A head behind the tail, and a head that is not a multiple of 8. */
+    atomic_store(&ring_shared(&t)->head, t.consumer.tail - 8);
+    cr_expect_eq(moe_ring_peek(&t.consumer, &record), -EPROTO,
+                 "peek accepted a head behind the tail");
+    atomic_store(&ring_shared(&t)->head, t.consumer.tail + 12);
+    cr_expect_eq(moe_ring_peek(&t.consumer, &record), -EPROTO,
+                 "peek accepted a head that is not a multiple of 8");
+    cr_expect_eq(t.consumer.head_cache, t.consumer.tail,
+                 "a rejected head was cached");
     ring_close(&t);
+}
+
+Test(ring, corrupt_tail_index, .timeout = TEST_TIMEOUT_S)
+{
+    /* The consumer publishes tail, so the producer validates every tail it
+     * loads: at most a capacity behind head, never ahead, a multiple of 8. */
+    const uint64_t head = 1000 + 256; /* after the record that fills it */
+    const uint64_t bad_tails[] = {
+        head + 8,       /* ahead of head */
+        head - 256 - 8, /* more than a capacity behind */
+        head - 4,       /* not a multiple of 8 */
+        UINT64_MAX - 7, /* 1264 bytes behind head across the 2^64 wrap */
+    };
+    uint8_t buf[256] = {0};
+    for (size_t i = 0; i < sizeof bad_tails / sizeof bad_tails[0]; i++) {
+        struct test_ring t;
+        ring_open(&t, 256, 1000);
+        /* Fill the ring, so that the next write must reload tail. */
+        cr_assert_eq(moe_ring_try_send(&t.producer, 0, buf, 248), 0);
+        atomic_store(&ring_shared(&t)->tail, bad_tails[i]);
+
+        moe_error_clear();
+        cr_expect_eq(moe_ring_try_send(&t.producer, 1, buf, 8), -EPROTO,
+                     "try_send accepted tail %llu", (unsigned long long)bad_tails[i]);
+        cr_expect(strstr(moe_error_message(), "tail index") != NULL,
+                  "the message does not name the tail index: \"%s\"",
+                  moe_error_message());
+        cr_expect_eq(moe_ring_write_some(&t.producer, 1, buf, 100, 0), -EPROTO,
+                     "write_some accepted tail %llu",
+                     (unsigned long long)bad_tails[i]);
+        cr_expect_eq(atomic_load(&ring_shared(&t)->head), head,
+                     "a write went ahead with tail %llu",
+                     (unsigned long long)bad_tails[i]);
+
+        struct moe_ring_producer producer;
+        cr_expect_eq(moe_ring_producer_attach(&producer, t.memory, 256), -EPROTO,
+                     "attach accepted tail %llu", (unsigned long long)bad_tails[i]);
+        ring_close(&t);
+    }
 }
 
 Test(ring, init_and_attach_checks, .timeout = TEST_TIMEOUT_S)
