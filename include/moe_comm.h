@@ -24,6 +24,9 @@ struct moe_comm {
     int rank;  /* this rank, 0 <= rank < ranks */
     int ranks; /* R */
     struct moe_segment_header *segment;
+    void *app;                      /* the app area, from the validated copy
+                                       of the header taken at attach */
+    uint64_t app_bytes;             /* its size, from the same copy */
     struct moe_ring_producer *to;   /* (R): to[d] writes ring (rank, d) */
     struct moe_ring_consumer *from; /* (R): from[s] reads ring (s, rank) */
     uint32_t sequence;              /* collectives started so far */

@@ -72,6 +72,8 @@ struct moe_launch {
     char name[64];                      /* shm name, "/moe-ep-PID-RANDOM" */
     int fd;                             /* the segment, for the ranks; or -1 */
     struct moe_segment_header *segment; /* launcher's mapping */
+    uint64_t segment_bytes;             /* its size, kept here because any
+                                           rank can write the header */
     struct moe_rank_outcome outcome[MOE_MAX_RANKS];
     int failed_rank;       /* first rank that failed, or -1 */
     int launcher_signal;   /* SIGINT, SIGTERM or SIGHUP received, or 0 */

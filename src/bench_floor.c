@@ -259,7 +259,7 @@ struct gemm_plan {
 static int gemm_rank_main(struct moe_comm *comm, void *arg)
 {
     const struct gemm_plan *plan = arg;
-    struct moe_bench_area *area = moe_segment_app(comm->segment);
+    struct moe_bench_area *area = comm->app;
     if (comm->segment->app_bytes < sizeof *area || area->magic != MOE_BENCH_AREA_MAGIC)
         return moe_fail(-EPROTO, "rank %d: the bench area is missing", comm->rank);
     moe_blas_init();

@@ -88,7 +88,7 @@ static int forward_rank_main(struct moe_comm *comm, void *arg)
 {
     const struct forward_plan *plan = arg;
     struct moe_bench_area *area =
-        (struct moe_bench_area *)((char *)moe_segment_app(comm->segment) +
+        (struct moe_bench_area *)((char *)comm->app +
                                   plan->bench_offset);
     if (area->magic != MOE_BENCH_AREA_MAGIC)
         return moe_fail(-EPROTO, "rank %d: the bench area is missing", comm->rank);
@@ -98,8 +98,8 @@ static int forward_rank_main(struct moe_comm *comm, void *arg)
     if (rc)
         return rc;
     struct moe_rank_slot *slot = moe_segment_slot(comm->segment, comm->rank);
-    struct moe_dist_env env = {.transport = &t, .area = moe_segment_app(comm->segment),
-                               .area_capacity = comm->segment->app_bytes, .slot = slot};
+    struct moe_dist_env env = {.transport = &t, .area = comm->app,
+                               .area_capacity = comm->app_bytes, .slot = slot};
     struct moe_dist_rank *rank;
     if ((rc = moe_dist_rank_new(&env, plan->input, &rank))) {
         moe_transport_close(&t);
@@ -317,8 +317,11 @@ void moe_bench_print_forward(FILE *out, const struct moe_bench_options *o,
     fprintf(out, "\n");
 }
 
-int moe_bench_measure_forward(const struct moe_bench_options *o,
-                              struct moe_bench_results *res)
+/* Draws the bench layer's weights and tokens from MOE_BENCH_SEED. The
+ * caller frees both. Returns 0, -EINVAL for a layer too large for this
+ * machine, or -ENOMEM. */
+static int make_layer(const struct moe_bench_options *o, struct moe_weights *weights,
+                      float **tokens)
 {
     struct moe_shape shape = {.tokens = o->tokens, .hidden = o->hidden,
                               .ffn = o->ffn, .experts = o->experts,
@@ -326,21 +329,48 @@ int moe_bench_measure_forward(const struct moe_bench_options *o,
     int rc = moe_run_check_memory(&shape, 0);
     if (rc)
         return rc;
-    struct moe_weights weights = {0};
-    if ((rc = moe_weights_init_random(&weights, &shape, MOE_BENCH_SEED)))
+    if ((rc = moe_weights_init_random(weights, &shape, MOE_BENCH_SEED)))
         return rc;
-    float *tokens = malloc((size_t)(shape.tokens * shape.hidden) * sizeof(float));
-    if (!tokens) {
-        moe_weights_free(&weights);
+    *tokens = malloc((size_t)(shape.tokens * shape.hidden) * sizeof(float));
+    if (!*tokens) {
+        moe_weights_free(weights);
         return moe_fail(-ENOMEM, "out of memory for %" PRId64 " tokens", shape.tokens);
     }
-    moe_tokens_random(tokens, 0, shape.tokens, shape.hidden, MOE_BENCH_SEED);
+    moe_tokens_random(*tokens, 0, shape.tokens, shape.hidden, MOE_BENCH_SEED);
+    return 0;
+}
+
+int moe_bench_measure_forward(const struct moe_bench_options *o,
+                              struct moe_bench_results *res)
+{
+    struct moe_weights weights = {0};
+    float *tokens = NULL;
+    int rc = make_layer(o, &weights, &tokens);
+    if (rc)
+        return rc;
 
     struct moe_dist_input input = {.weights = &weights, .tokens = tokens};
     int counts[MOE_BENCH_MAX_FORWARDS];
     res->forward_count = forward_rank_counts(o->ranks, counts);
     for (int i = 0; i < res->forward_count && rc == 0; i++)
         rc = forward_at(o, &input, counts[i], &res->forward[i]);
+    free(tokens);
+    moe_weights_free(&weights);
+    return rc;
+}
+
+int moe_bench_measure_forward_steady(const struct moe_bench_options *o, int ranks,
+                                     struct moe_bench_forward *row)
+{
+    struct moe_weights weights = {0};
+    float *tokens = NULL;
+    int rc = make_layer(o, &weights, &tokens);
+    if (rc)
+        return rc;
+
+    struct moe_dist_input input = {.weights = &weights, .tokens = tokens};
+    *row = (struct moe_bench_forward){.ranks = ranks};
+    rc = forward_steady(o, &input, ranks, row);
     free(tokens);
     moe_weights_free(&weights);
     return rc;
@@ -423,7 +453,7 @@ static int alltoall_case(struct moe_comm *comm, struct moe_bench_area *area,
 static int alltoall_rank_main(struct moe_comm *comm, void *arg)
 {
     const struct alltoall_plan *plan = arg;
-    struct moe_bench_area *area = moe_segment_app(comm->segment);
+    struct moe_bench_area *area = comm->app;
     int R = comm->ranks;
     if (comm->segment->app_bytes < sizeof *area || area->magic != MOE_BENCH_AREA_MAGIC)
         return moe_fail(-EPROTO, "rank %d: the bench area is missing", comm->rank);
@@ -579,8 +609,9 @@ void moe_bench_print_alltoall(FILE *out, const struct moe_bench_options *o,
     fprintf(out, "\n");
 }
 
-int moe_bench_measure_alltoall(const struct moe_bench_options *o,
-                               struct moe_bench_results *res)
+/* Returns the plan of the all-to-all table: 4 KiB, 64 KiB, 1 MiB and
+ * 4 MiB per pair, then the 1-token dispatch of H floats. */
+static struct alltoall_plan alltoall_table_plan(const struct moe_bench_options *o)
 {
     struct alltoall_plan plan = {
         .cases = 5,
@@ -593,11 +624,26 @@ int moe_bench_measure_alltoall(const struct moe_bench_options *o,
     for (int i = 0; i < plan.cases; i++)
         if (plan.bytes[i] > plan.max_bytes)
             plan.max_bytes = plan.bytes[i];
+    return plan;
+}
 
+int moe_bench_measure_alltoall_at(const struct moe_bench_options *o, int ranks,
+                                  struct moe_bench_results *res)
+{
+    struct alltoall_plan plan = alltoall_table_plan(o);
+    if (res->alltoall_count + plan.cases > MOE_BENCH_MAX_ALLTOALLS)
+        return moe_fail(-ENOSPC, "the all-to-all table is full at %d rows",
+                        MOE_BENCH_MAX_ALLTOALLS);
+    return alltoall_at(o, &plan, ranks, o->ring_bytes, res->alltoall,
+                       &res->alltoall_count);
+}
+
+int moe_bench_measure_alltoall(const struct moe_bench_options *o,
+                               struct moe_bench_results *res)
+{
     static const int rank_counts[] = {2, 4};
     for (size_t i = 0; i < sizeof rank_counts / sizeof rank_counts[0]; i++) {
-        int rc = alltoall_at(o, &plan, rank_counts[i], o->ring_bytes,
-                             res->alltoall, &res->alltoall_count);
+        int rc = moe_bench_measure_alltoall_at(o, rank_counts[i], res);
         if (rc)
             return rc;
     }

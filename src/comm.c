@@ -8,9 +8,15 @@
 #include "moe_error.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+/* How often a waiting rank checks that the peers it waits on still run. */
+static const int64_t LIVENESS_PERIOD_NS = 50LL * 1000 * 1000;
 
 int moe_comm_attach(struct moe_comm *comm, struct moe_segment_header *segment,
                     int rank)
@@ -25,7 +31,9 @@ int moe_comm_attach(struct moe_comm *comm, struct moe_segment_header *segment,
         return moe_fail(rc, "rank %d: %s", rank, moe_error_message());
     }
     int R = (int)layout.ranks;
-    *comm = (struct moe_comm){.rank = rank, .ranks = R, .segment = segment};
+    *comm = (struct moe_comm){.rank = rank, .ranks = R, .segment = segment,
+                              .app = (uint8_t *)segment + layout.app_offset,
+                              .app_bytes = layout.app_bytes};
     if (rank < 0 || rank >= R)
         return moe_fail(-EINVAL, "invalid rank %d: the segment has ranks 0 "
                         "to %d", rank, R - 1);
@@ -117,6 +125,48 @@ static int drain_peer(struct moe_comm *c, int s, uint32_t tag, uint8_t *dst,
     return consumed;
 }
 
+/* Returns 1 when process `pid` has exited: /proc has no entry for it, or
+ * it is a zombie that its parent has not reaped yet. kill(pid, 0) would
+ * not do, because it succeeds on a zombie. */
+static int process_exited(int32_t pid)
+{
+    char path[64], text[256];
+    snprintf(path, sizeof path, "/proc/%ld/stat", (long)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT || errno == ESRCH;
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0)
+        return 1;
+    text[n] = '\0';
+    /* The state letter follows the command name in brackets, which may
+     * itself contain brackets, so search from the end. */
+    const char *after = strrchr(text, ')');
+    return after && after[1] == ' ' && (after[2] == 'Z' || after[2] == 'X');
+}
+
+/* Checks that every peer this rank still waits on runs. A peer that has
+ * exited sets the abort flag, so that the launcher reports the dead rank,
+ * not this one, and the call fails with -ECANCELED. A slot without a pid
+ * belongs to a rank that has not attached yet. */
+static int check_peers_alive(struct moe_comm *c, const uint64_t *send_bytes,
+                             const uint64_t *recv_bytes)
+{
+    for (int p = 0; p < c->ranks; p++) {
+        if (p == c->rank || (c->sent[p] == send_bytes[p] && c->received[p] == recv_bytes[p]))
+            continue;
+        int32_t pid = MOE_READ_ONCE(moe_segment_slot(c->segment, p)->pid);
+        if (pid > 0 && process_exited(pid)) {
+            moe_segment_abort(c->segment);
+            return moe_fail(-ECANCELED, "rank %d: rank %d (pid %ld) exited while "
+                            "this rank waited for it in %s", c->rank, p, (long)pid,
+                            moe_step_name(c->step));
+        }
+    }
+    return 0;
+}
+
 /* Builds the timeout message: the first peer this rank still waits on. */
 static int report_timeout(struct moe_comm *c, const uint64_t *send_bytes,
                           const uint64_t *recv_bytes, int64_t timeout_ns)
@@ -171,6 +221,7 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
                         (long long)timeout_ns, moe_step_name(c->step),
                         (long long)MOE_MAX_TIMEOUT_NS);
     int64_t deadline = moe_now_ns() + timeout_ns;
+    int64_t next_liveness = moe_now_ns() + LIVENESS_PERIOD_NS;
     for (;;) {
         uint32_t seen = atomic_load_explicit(&moe_segment_slot(seg, me)->doorbell,
                                              memory_order_acquire);
@@ -232,6 +283,11 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
         if (rc)
             return moe_fail(rc, "rank %d: stopped in %s because the run was "
                             "aborted", me, moe_step_name(c->step));
+        if (wait_end >= next_liveness) {
+            next_liveness = wait_end + LIVENESS_PERIOD_NS;
+            if ((rc = check_peers_alive(c, send_bytes, recv_bytes)))
+                return rc;
+        }
     }
 }
 

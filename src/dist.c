@@ -883,8 +883,8 @@ int moe_dist_rank_main(struct moe_comm *comm, void *arg)
         return rc;
     struct moe_dist_env env = {
         .transport = &t,
-        .area = moe_segment_app(comm->segment),
-        .area_capacity = comm->segment->app_bytes,
+        .area = comm->app,
+        .area_capacity = comm->app_bytes,
         .slot = moe_segment_slot(comm->segment, comm->rank),
     };
     rc = moe_dist_run(&env, arg);

@@ -92,8 +92,9 @@ int moe_launch_create(struct moe_launch *launch,
                       const struct moe_launch_config *config)
 {
     *launch = (struct moe_launch){.config = *config, .failed_rank = -1, .fd = -1};
-    if (config->timeout_ns <= 0)
-        return moe_fail(-EINVAL, "invalid timeout: expected a positive time");
+    if (config->timeout_ns <= 0 || config->timeout_ns > MOE_MAX_TIMEOUT_NS)
+        return moe_fail(-EINVAL, "invalid timeout of %lld ns: expected 1 ns to one "
+                        "week", (long long)config->timeout_ns);
     if (launch->config.ring_capacity == 0 && config->ranks >= 1 &&
         config->ranks <= MOE_MAX_RANKS)
         launch->config.ring_capacity = moe_ring_default_capacity(config->ranks);
@@ -125,13 +126,14 @@ int moe_launch_create(struct moe_launch *launch,
         for (int dst = 0; dst < config->ranks; dst++)
             moe_ring_init(moe_segment_ring(h, src, dst), h->ring_capacity, 0);
     launch->segment = h;
+    launch->segment_bytes = layout.segment_bytes;
     return 0;
 }
 
 void moe_launch_destroy(struct moe_launch *launch)
 {
     if (launch->segment) {
-        munmap(launch->segment, launch->segment->segment_bytes);
+        munmap(launch->segment, launch->segment_bytes);
         launch->segment = NULL;
     }
     if (launch->fd >= 0) {
@@ -441,7 +443,8 @@ void moe_launch_describe(const struct moe_launch *launch, int rank, char *buf,
                  "in %s", rank, (long)o->pid, o->signal, strsignal(o->signal),
                  step);
     else if (message[0])
-        snprintf(buf, size, "%s", message);
+        /* A rank wrote it, and may have left it unterminated. */
+        snprintf(buf, size, "%.*s", MOE_ERROR_TEXT_BYTES, message);
     else
         snprintf(buf, size, "rank %d (pid %ld) exited with status %d in %s",
                  rank, (long)o->pid, o->exit_status, step);

@@ -872,3 +872,44 @@ Test(faults, launcher_dies_in_golden_check, .timeout = 60, .fini = kill_started_
         assert_nothing_left(&p, fault);
     }
 }
+
+/* With the launcher stopped, nobody sets the abort flag, so the peers of a
+ * dead rank must notice by themselves that it no longer runs. */
+Test(faults, peers_notice_death_without_launcher, .timeout = 60,
+     .fini = kill_started_groups)
+{
+    become_subreaper();
+    struct moe_ep_process p;
+    pid_t stalled, peers[8];
+    start_stalled(&p, 3, 1, "dispatch", &stalled, peers);
+    cr_assert_eq(kill(p.pid, SIGSTOP), 0);
+    double killed_s = now_s();
+    cr_assert_eq(kill(stalled, SIGKILL), 0);
+
+    /* Both peers exit, and stay zombies of the stopped launcher. */
+    int exited = 0;
+    double seconds = 0;
+    while (!exited && (seconds = now_s() - killed_s) < STOP_LIMIT_S) {
+        usleep(5000);
+        exited = 1;
+        for (int i = 0; i < 2; i++) {
+            char state;
+            pid_t parent, group;
+            if (read_stat(peers[i], &state, &parent, &group) == 0 && state != 'Z')
+                exited = 0;
+        }
+    }
+    cr_assert(exited, "the peers still ran %.3f s after rank 1 died", seconds);
+    cr_log_info("peers of a dead rank, launcher stopped: exited %.3f s after the kill",
+                seconds);
+
+    cr_assert_eq(kill(p.pid, SIGCONT), 0);
+    struct outcome o;
+    wait_moe_ep(&p, 30, &o);
+    cr_assert_eq(o.status, 3, "%s", o.err);
+    char line[192];
+    snprintf(line, sizeof line, "moe-ep run: rank 1 (pid %ld) was killed by signal %d "
+             "(%s) in dispatch\n", (long)stalled, SIGKILL, strsignal(SIGKILL));
+    cr_assert(strncmp(o.err, line, strlen(line)) == 0, "stderr: %s", o.err);
+    assert_nothing_left(&p, "launcher stopped while a rank died");
+}
