@@ -21,7 +21,9 @@ struct moe_bench_options {
     const char *markdown_path;  /* write the report here too, or NULL */
     int quick;                  /* smaller shapes, for tests */
     int transport;              /* enum moe_transport_kind [shm]; mpi
-                                   measures only the all-to-all */
+                                   measures the forward and the all-to-all
+                                   over MPI, then the shm figures beside
+                                   them */
 };
 
 void moe_bench_options_default(struct moe_bench_options *options);

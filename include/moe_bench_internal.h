@@ -160,6 +160,18 @@ int moe_bench_measure_forward(const struct moe_bench_options *options,
 int moe_bench_measure_alltoall(const struct moe_bench_options *options,
                                struct moe_bench_results *results);
 
+/* Measures the steady-state forward at `ranks` ranks: the steady columns,
+ * step times and busiest rows of *row, without the cold columns
+ * (bench_layer.c). */
+int moe_bench_measure_forward_steady(const struct moe_bench_options *options,
+                                     int ranks, struct moe_bench_forward *row);
+
+/* Measures the sizes of the all-to-all table at `ranks` ranks, through
+ * rings of options->ring_bytes, and appends one row per size to
+ * results->alltoall (bench_layer.c). */
+int moe_bench_measure_alltoall_at(const struct moe_bench_options *options,
+                                  int ranks, struct moe_bench_results *results);
+
 /* Print the report sections as Markdown. */
 void moe_bench_print_floors(FILE *out, const struct moe_bench_options *options,
                             const struct moe_bench_results *results);
@@ -169,10 +181,28 @@ void moe_bench_print_alltoall(FILE *out, const struct moe_bench_options *options
                               const struct moe_bench_results *results);
 
 /* Runs `moe-ep bench --transport mpi` in a process that mpirun started
- * (bench_mpi.c): the all-to-all figures over MPI at mpirun's rank count.
- * Rank 0 prints the report. Returns 0, or -EINVAL in a build without MPI
- * or in a job of 1 rank. Any other failure ends the MPI job. */
+ * (bench_mpi.c): the forward and all-to-all figures over MPI at mpirun's
+ * rank count, then, on rank 0 after MPI_Finalize, the same figures on the
+ * rings and the expert-GEMM floor. Rank 0 prints the report. Returns 0,
+ * -EINVAL in a build without MPI or in a job of 1 or more than
+ * MOE_MAX_RANKS ranks, or rank 0's error after MPI_Finalize. Any failure
+ * while MPI runs ends the MPI job. */
 int moe_bench_mpi(const struct moe_bench_options *options, FILE *out);
+
+/* Start of the report sections of `moe-ep bench --transport mpi` that
+ * `make bench-mpi` appends to docs/BENCHMARKS.md, one per rank count. */
+#define MOE_BENCH_SIDE_BY_SIDE_HEADING "## Shared memory and MPI side by side"
+
+/* Reads the existing report at `path` from its first line that starts with
+ * MOE_BENCH_SIDE_BY_SIDE_HEADING to its end into a new NUL-terminated
+ * *text of *bytes bytes, which the caller frees (bench_mpi.c). *text is
+ * NULL when the file is missing, is not a regular file or has no such
+ * line. Returns 0 or the error of reading the file. */
+int moe_bench_read_kept_sections(const char *path, char **text, size_t *bytes);
+
+/* Copies the first value of `key` in /proc/cpuinfo into buf, or "unknown"
+ * (bench.c). */
+void moe_bench_cpuinfo_value(const char *key, char *buf, size_t size);
 
 /* Finds the all-to-all row for `ranks` and `bytes_per_pair`, or NULL. */
 const struct moe_bench_alltoall *

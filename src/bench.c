@@ -76,11 +76,15 @@ void moe_bench_usage(FILE *out)
         "                    report gives the best and the median [5]\n"
         "  --ring-size BYTES data bytes of each ring, a power of two from 64 to\n"
         "                    1G; K, M, G suffixes allowed [1M]\n"
-        "  --markdown FILE   also write the report to FILE\n"
+        "  --markdown FILE   also write the report to FILE; the side-by-side\n"
+        "                    sections that make bench-mpi appended to FILE\n"
+        "                    are kept at its end\n"
         "  --quick           small shapes and short loops, for a smoke test of\n"
         "                    a few seconds; shape flags still apply\n"
-        "  --transport T     shm, or mpi to measure only the all-to-all over\n"
-        "                    MPI at the rank count of `mpirun -np R` [shm]\n"
+        "  --transport T     shm, or mpi to measure the forward and the\n"
+        "                    all-to-all over MPI at the rank count of\n"
+        "                    `mpirun -np R`, next to the same figures on\n"
+        "                    the rings and the expert-GEMM floor [shm]\n"
         "  -h, --help        show this text\n",
         MOE_MAX_RANKS, MOE_BENCH_MAX_REPEATS);
 }
@@ -243,8 +247,7 @@ struct machine {
     char load[64]; /* load average at the start */
 };
 
-/* Copies the first value of `key` in /proc/cpuinfo into buf, or "unknown". */
-static void cpuinfo_value(const char *key, char *buf, size_t size)
+void moe_bench_cpuinfo_value(const char *key, char *buf, size_t size)
 {
     snprintf(buf, size, "unknown");
     FILE *f = fopen("/proc/cpuinfo", "r");
@@ -296,8 +299,8 @@ static void read_machine(struct machine *m)
     struct tm utc;
     gmtime_r(&now, &utc);
     strftime(m->date, sizeof m->date, "%Y-%m-%d %H:%M UTC", &utc);
-    cpuinfo_value("model name", m->model, sizeof m->model);
-    cpuinfo_value("flags", flags, sizeof flags);
+    moe_bench_cpuinfo_value("model name", m->model, sizeof m->model);
+    moe_bench_cpuinfo_value("flags", flags, sizeof flags);
     m->avx2 = has_flag(flags, "avx2");
     m->fma = has_flag(flags, "fma");
     m->avx512 = has_flag(flags, "avx512f");
@@ -367,12 +370,14 @@ static void print_targets(FILE *out, const struct moe_bench_options *o,
 
 /* ---- driver ------------------------------------------------------------ */
 
-/* Writes the report to path; see moe_write_file for how a failure leaves
- * the old file in place. */
-static int write_markdown(const char *path, const char *text, size_t bytes)
+/* Writes the report to path, followed by `kept`, the side-by-side
+ * sections of the old file (NULL for none). moe_write_file describes how a
+ * failure leaves the old file in place. */
+static int write_markdown(const char *path, const char *text, size_t bytes,
+                          const char *kept, size_t kept_bytes)
 {
-    struct moe_file_part part = {text, bytes};
-    return moe_write_file(path, &part, 1);
+    struct moe_file_part parts[2] = {{text, bytes}, {kept, kept_bytes}};
+    return moe_write_file(path, parts, kept ? 2 : 1);
 }
 
 /* Runs every measurement in the order that keeps them apart: the floors,
@@ -406,11 +411,22 @@ int moe_bench(const struct moe_bench_options *o, FILE *out)
 {
     if (o->transport == MOE_TRANSPORT_MPI)
         return moe_bench_mpi(o, out);
+    /* The sections that `make bench-mpi` added to the report survive its
+     * rewrite. They are read first, so that a file that cannot be read
+     * fails the bench before the measurements. */
+    char *kept = NULL;
+    size_t kept_bytes = 0;
+    int rc = 0;
+    if (o->markdown_path &&
+        (rc = moe_bench_read_kept_sections(o->markdown_path, &kept, &kept_bytes)))
+        return rc;
     struct machine machine;
     read_machine(&machine);
     struct moe_bench_results *res = calloc(1, sizeof *res);
-    if (!res)
+    if (!res) {
+        free(kept);
         return moe_fail(-ENOMEM, "out of memory for the bench results");
+    }
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     if (cores < 1)
         cores = 1;
@@ -418,18 +434,20 @@ int moe_bench(const struct moe_bench_options *o, FILE *out)
         cores = MOE_MAX_RANKS;
     res->cores = (int)cores;
 
-    int rc = measure_all(o, res);
+    rc = measure_all(o, res);
     if (rc) {
+        free(kept);
         free(res);
         return rc;
     }
 
     /* The report goes to memory first, so that `out` and the file get the
-     * same text. */
+     * same text; the file adds the kept sections after it. */
     char *text = NULL;
     size_t bytes = 0;
     FILE *report = open_memstream(&text, &bytes);
     if (!report) {
+        free(kept);
         free(res);
         return moe_fail(-errno, "cannot keep the report in memory: %s",
                         strerror(errno));
@@ -441,7 +459,8 @@ int moe_bench(const struct moe_bench_options *o, FILE *out)
     fwrite(text, 1, bytes, out);
     fflush(out);
     if (o->markdown_path)
-        rc = write_markdown(o->markdown_path, text, bytes);
+        rc = write_markdown(o->markdown_path, text, bytes, kept, kept_bytes);
+    free(kept);
     free(text);
     return rc;
 }

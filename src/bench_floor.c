@@ -181,6 +181,9 @@ int moe_bench_launch(struct moe_launch *launch, const char *figure)
                             sizeof description);
         return moe_fail(rc, "%s failed: %s", figure, description);
     }
+    if (rc == -ECANCELED)
+        return moe_fail(rc, "%s failed: every rank stopped as aborted, and none "
+                        "reported why", figure);
     return moe_fail(rc, "%s failed: %s", figure, moe_error_message());
 }
 

@@ -146,25 +146,29 @@ static int process_exited(int32_t pid)
     return after && after[1] == ' ' && (after[2] == 'Z' || after[2] == 'X');
 }
 
-/* Checks that every peer this rank still waits on runs. A peer that has
- * exited sets the abort flag, so that the launcher reports the dead rank,
- * not this one, and the call fails with -ECANCELED. A slot without a pid
- * belongs to a rank that has not attached yet. */
-static int check_peers_alive(struct moe_comm *c, const uint64_t *send_bytes,
-                             const uint64_t *recv_bytes)
+/* Returns 1 while this rank still has bytes to send to or receive from
+ * peer p in the current call. */
+static int peer_pending(const struct moe_comm *c, int p, const uint64_t *send_bytes,
+                        const uint64_t *recv_bytes)
+{
+    return p != c->rank && (c->sent[p] < send_bytes[p] || c->received[p] < recv_bytes[p]);
+}
+
+/* Returns a peer this rank still waits on whose process has exited, or -1.
+ * A slot without a pid belongs to a rank that has not attached yet. */
+static int find_exited_peer(const struct moe_comm *c, const uint64_t *send_bytes,
+                            const uint64_t *recv_bytes, int32_t *pid_out)
 {
     for (int p = 0; p < c->ranks; p++) {
-        if (p == c->rank || (c->sent[p] == send_bytes[p] && c->received[p] == recv_bytes[p]))
+        if (!peer_pending(c, p, send_bytes, recv_bytes))
             continue;
         int32_t pid = MOE_READ_ONCE(moe_segment_slot(c->segment, p)->pid);
         if (pid > 0 && process_exited(pid)) {
-            moe_segment_abort(c->segment);
-            return moe_fail(-ECANCELED, "rank %d: rank %d (pid %ld) exited while "
-                            "this rank waited for it in %s", c->rank, p, (long)pid,
-                            moe_step_name(c->step));
+            *pid_out = pid;
+            return p;
         }
     }
-    return 0;
+    return -1;
 }
 
 /* Builds the timeout message: the first peer this rank still waits on. */
@@ -222,6 +226,13 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
                         (long long)MOE_MAX_TIMEOUT_NS);
     int64_t deadline = moe_now_ns() + timeout_ns;
     int64_t next_liveness = moe_now_ns() + LIVENESS_PERIOD_NS;
+    /* A peer seen to have exited while this rank still waited on it. A
+     * peer that finished its last collective exits at once, possibly before
+     * this rank has drained its final records, so the verdict waits for one
+     * more pass over the rings: everything the peer wrote before it exited
+     * is drained by then. */
+    int suspect = -1;
+    int32_t suspect_pid = 0;
     for (;;) {
         uint32_t seen = atomic_load_explicit(&moe_segment_slot(seg, me)->doorbell,
                                              memory_order_acquire);
@@ -267,6 +278,17 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
 
         if (!pending)
             return 0;
+        if (suspect >= 0) {
+            if (peer_pending(c, suspect, send_bytes, recv_bytes)) {
+                /* Set the flag here, so that the launcher names the rank
+                 * that died, not this one. */
+                moe_segment_abort(seg);
+                return moe_fail(-ECANCELED, "rank %d: rank %d (pid %ld) exited "
+                                "while this rank waited for it in %s", me, suspect,
+                                (long)suspect_pid, moe_step_name(c->step));
+            }
+            suspect = -1;
+        }
         if (progress) {
             deadline = moe_now_ns() + timeout_ns;
             continue;
@@ -285,8 +307,7 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
                             "aborted", me, moe_step_name(c->step));
         if (wait_end >= next_liveness) {
             next_liveness = wait_end + LIVENESS_PERIOD_NS;
-            if ((rc = check_peers_alive(c, send_bytes, recv_bytes)))
-                return rc;
+            suspect = find_exited_peer(c, send_bytes, recv_bytes, &suspect_pid);
         }
     }
 }

@@ -258,7 +258,9 @@ int moe_run_write_trace(const char *path, const struct moe_run_result *r)
         add_event(events, "thread_sort_index", NULL, "M", rank, 0, -1, args);
     }
 
-    /* Times are relative to the launch; every rank read the same clock. */
+    /* Times are relative to the launch. The ranks of one machine read the
+     * same monotonic clock; NOTE: MPI ranks on different machines do not,
+     * so their tracks are not aligned (untested here). */
     double origin = (double)r->launch_start_ns;
     for (int rank = 0; rank < R && r->trace; rank++) {
         const struct moe_trace_event *t = r->trace + (int64_t)rank * r->trace_capacity;

@@ -265,6 +265,9 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
                             flag);
         }
     }
+    if (o->transport == MOE_TRANSPORT_MPI && o->ring_bytes != 0)
+        return moe_fail(-EINVAL, "invalid --ring-size with --transport mpi: MPI has "
+                        "no rings");
     if (o->ring_bytes == 0)
         o->ring_bytes = moe_ring_default_capacity(o->ranks);
     if (o->model_dir && o->shape_flag_given)

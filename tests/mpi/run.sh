@@ -9,7 +9,10 @@
 #   - R = 3 with a rank that fails, is killed, stalls or sends more than it
 #     announced: mpirun must exit non-zero within FAULT_LIMIT_S seconds;
 #   - invalid usage of transport_check and of `moe-ep bench --transport mpi`;
-#   - `moe-ep bench --transport mpi --quick` under mpirun -np 2;
+#   - `moe-ep bench --transport mpi --quick` under mpirun -np 2 must give
+#     the all-to-all rows of both MPI calls and of the rings, and the
+#     forward rows of both transports. `moe-ep bench --quick --markdown
+#     FILE` must then keep that report's section at the end of FILE;
 #   - `moe-ep run --transport mpi` on R = 1 to 4 for several shapes, equal
 #     to the shm run and to the golden path, over TCP too, with failing
 #     ranks and with --check off.
@@ -269,6 +272,8 @@ done
 
 expect_usage_error "run rejects --ranks with --transport mpi" \
     "mpirun -np sets the rank count" "$moe_ep" run --transport mpi --ranks 2
+expect_usage_error "run rejects --ring-size with --transport mpi" \
+    "MPI has no rings" "$moe_ep" run --transport mpi --ring-size 1M
 expect_usage_error "run rejects --dump with --check off" \
     "--dump cannot be used with --check off" "$moe_ep" run --dump "$tmp/d" --check off
 expect_usage_error "run under mpirun reports a bad flag once" \
@@ -288,16 +293,45 @@ expect_usage_error "bench --transport mpi rejects 1 rank" \
 expect_usage_error "bench rejects an unknown transport" \
     "expected shm or mpi" "$moe_ep" bench --transport tcp
 
+# mpirun -np 2 binds each rank to a core. Rank 0 must undo that before it
+# measures the rings and the floor, because it skips them otherwise.
 name="bench --transport mpi --quick, R = 2"
+number='[0-9][0-9.]*'
 # shellcheck disable=SC2086
 if ! timeout -k 5 120 $mpirun -np 2 "$moe_ep" bench --transport mpi --quick \
-        >"$tmp/log" 2>&1; then
+        --markdown "$tmp/bench-mpi.md" >"$tmp/log" 2>&1; then
     fail "$name: the job failed:"
     cat "$tmp/log"
 elif [ "$(grep -c '^| 2 | `MPI_Alltoallv` alone |' "$tmp/log")" -ne 5 ] ||
-     [ "$(grep -c '^| 2 | `moe_transport_alltoallv` |' "$tmp/log")" -ne 5 ]; then
-    fail "$name: the report lacks the 10 rows of 2 ranks:"
+     [ "$(grep -c '^| 2 | `moe_transport_alltoallv` |' "$tmp/log")" -ne 5 ] ||
+     [ "$(grep -c '^| 2 | `moe_alltoallv`, shared memory |' "$tmp/log")" -ne 5 ]; then
+    fail "$name: the report lacks the 15 all-to-all rows of 2 ranks:"
     cat "$tmp/log"
+elif [ "$(grep -c "^| 2 | mpi | $number | $number | $number | $number |\$" "$tmp/log")" -ne 1 ] ||
+     [ "$(grep -c "^| 2 | shm | $number | $number | $number | $number |\$" "$tmp/log")" -ne 1 ]; then
+    fail "$name: the report lacks a forward row with its floor ratios for each transport:"
+    cat "$tmp/log"
+else
+    pass "$name"
+fi
+
+# The report as `make bench-mpi` appends it to docs/BENCHMARKS.md, after a
+# stale shm report that the bench must replace.
+name="bench --markdown keeps the side-by-side section"
+sed 's/^#/##/' "$tmp/bench-mpi.md" >"$tmp/section.md"
+{ echo "# stale report"; echo; cat "$tmp/section.md"; } >"$tmp/benchmarks.md"
+section_lines=$(wc -l <"$tmp/section.md")
+if ! timeout -k 5 120 "$moe_ep" bench --quick --markdown "$tmp/benchmarks.md" \
+        >"$tmp/log" 2>&1; then
+    fail "$name: the bench failed:"
+    cat "$tmp/log"
+elif grep -q "stale report" "$tmp/benchmarks.md" ||
+     [ "$(head -n 1 "$tmp/benchmarks.md")" != "# moe-ep benchmarks" ]; then
+    fail "$name: the shm report was not rewritten"
+elif ! tail -n "$section_lines" "$tmp/benchmarks.md" | cmp -s - "$tmp/section.md"; then
+    fail "$name: the file does not end with the section, unchanged"
+elif [ "$(grep -c '^## Shared memory and MPI side by side' "$tmp/benchmarks.md")" -ne 1 ]; then
+    fail "$name: the section heading is not there exactly once"
 else
     pass "$name"
 fi
