@@ -60,8 +60,9 @@ struct moe_rank_report {
     uint64_t capacity_bytes;   /* of bytes_sent, for the probs policy's
                                   weight and keep-flag exchange */
     int64_t trace_events;      /* events written to this rank's buffer */
-    int64_t trace_merged;      /* waits merged into the last span because
-                                  the buffer was full */
+    int64_t trace_dropped;     /* spans not recorded because the buffer was
+                                  full */
+    int64_t trace_full_forward; /* the forward in which it filled up */
 };
 
 /* The app area of a `moe-ep run` segment: a small header, then the arrays

@@ -181,8 +181,7 @@ struct moe_dist_rank {
 };
 
 /* Appends a span to the trace. A wait that starts soon after the last
- * wait span extends that span instead. When the buffer is full, waits
- * extend the last span. */
+ * wait span extends that span instead. */
 static void trace_add(struct moe_dist_rank *f, int kind, int step, int64_t start,
                       int64_t end, uint64_t bytes)
 {
@@ -197,10 +196,10 @@ static void trace_add(struct moe_dist_rank *f, int kind, int step, int64_t start
         return;
     }
     if (n >= f->trace_capacity) {
-        if (kind == MOE_TRACE_WAIT && last && last->kind == MOE_TRACE_WAIT) {
-            last->end_ns = end;
-            f->report->trace_merged++;
-        }
+        /* Full: later spans are counted, not drawn, and the report says
+         * where the trace stops. */
+        if (f->report->trace_dropped++ == 0)
+            f->report->trace_full_forward = f->forward;
         return;
     }
     f->trace[n] = (struct moe_trace_event){.start_ns = start, .end_ns = end,

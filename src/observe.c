@@ -42,20 +42,17 @@ static cJSON *int_array(const int64_t *values, int64_t count)
     return a;
 }
 
-/* Writes `text` to `path`, replacing it as one file. */
+/* Writes `text` and a newline to `path` with moe_write_file(), so that a
+ * failure leaves the old file, and a FIFO without a reader fails instead
+ * of blocking. */
 static int write_text(const char *flag, const char *path, const char *text)
 {
     if (!text)
         return moe_fail(-ENOMEM, "out of memory for the %s file", flag);
-    FILE *f = fopen(path, "w");
-    if (!f)
-        return moe_fail(-EINVAL, "invalid %s file '%s': %s", flag, path, strerror(errno));
-    size_t n = strlen(text);
-    int ok = fwrite(text, 1, n, f) == n && fputc('\n', f) != EOF;
-    ok = fclose(f) == 0 && ok;
-    if (!ok)
-        return moe_fail(-EIO, "writing %s file '%s' failed: %s", flag, path,
-                        strerror(errno));
+    struct moe_file_part parts[2] = {{text, strlen(text)}, {"\n", 1}};
+    int rc = moe_write_file(path, parts, 2);
+    if (rc)
+        return moe_fail(rc, "writing the %s file failed: %s", flag, moe_error_message());
     return 0;
 }
 
@@ -179,6 +176,7 @@ int moe_run_write_stats(const char *path, const struct moe_run_result *r)
         cJSON_AddNumberToObject(x, "allreduce_bytes", (double)rep->allreduce_bytes);
         cJSON_AddNumberToObject(x, "capacity_exchange_bytes", (double)rep->capacity_bytes);
         cJSON_AddNumberToObject(x, "bytes_saved_by_dropping", (double)rep->saved_bytes);
+        cJSON_AddNumberToObject(x, "trace_spans_dropped", (double)rep->trace_dropped);
         cJSON_AddItemToArray(ranks, x);
     }
 
@@ -204,10 +202,17 @@ int moe_run_write_stats(const char *path, const struct moe_run_result *r)
 
     cJSON *check = cJSON_AddObjectToObject(root, "golden_check");
     cJSON_AddBoolToObject(check, "ran", o->check);
-    cJSON_AddBoolToObject(check, "output_bitwise_equal", r->check.equal);
-    cJSON_AddNumberToObject(check, "mismatches", (double)r->check.mismatches);
-    cJSON_AddBoolToObject(check, "drops_equal", r->kept_equal);
-    cJSON_AddBoolToObject(check, "routing_stats_equal", r->routing_mismatch_step < 0);
+    if (o->check) {
+        cJSON_AddBoolToObject(check, "output_bitwise_equal", r->check.equal);
+        cJSON_AddNumberToObject(check, "mismatches", (double)r->check.mismatches);
+        cJSON_AddBoolToObject(check, "drops_equal", r->kept_equal);
+        cJSON_AddBoolToObject(check, "routing_stats_equal", r->routing_mismatch_step < 0);
+    } else { /* nothing was compared */
+        cJSON_AddNullToObject(check, "output_bitwise_equal");
+        cJSON_AddNullToObject(check, "mismatches");
+        cJSON_AddNullToObject(check, "drops_equal");
+        cJSON_AddNullToObject(check, "routing_stats_equal");
+    }
     cJSON_AddNumberToObject(root, "forward_ms", (double)r->forward_ns / 1e6);
     cJSON_AddNumberToObject(root, "golden_ms", (double)r->golden_ns / 1e6);
 
@@ -258,10 +263,20 @@ int moe_run_write_trace(const char *path, const struct moe_run_result *r)
         add_event(events, "thread_sort_index", NULL, "M", rank, 0, -1, args);
     }
 
-    /* Times are relative to the launch. The ranks of one machine read the
-     * same monotonic clock; NOTE: MPI ranks on different machines do not,
-     * so their tracks are not aligned (untested here). */
-    double origin = (double)r->launch_start_ns;
+    /* Times are relative to the earliest event or the launch, whichever
+     * comes first, since MPI ranks can leave the starting barrier before
+     * rank 0. The ranks of one machine read the same monotonic clock; NOTE:
+     * MPI ranks on different machines do not, so their tracks are not
+     * aligned (untested here). */
+    int64_t first_ns = r->launch_start_ns;
+    for (int rank = 0; rank < R && r->trace; rank++) {
+        const struct moe_trace_event *t = r->trace + (int64_t)rank * r->trace_capacity;
+        int64_t n = r->report[rank].trace_events;
+        for (int64_t i = 0; i < n && i < r->trace_capacity; i++)
+            if (t[i].start_ns < first_ns)
+                first_ns = t[i].start_ns;
+    }
+    double origin = (double)first_ns;
     for (int rank = 0; rank < R && r->trace; rank++) {
         const struct moe_trace_event *t = r->trace + (int64_t)rank * r->trace_capacity;
         int64_t n = r->report[rank].trace_events;

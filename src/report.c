@@ -167,7 +167,7 @@ static void print_traffic(FILE *out, const struct moe_run_result *r)
         layout += r->report[rank].bytes_sent[MOE_STEP_LAYOUT];
     }
     layout -= allreduce + capacity;
-    fprintf(out, "  bytes through the rings (the diagonal is copied locally)%s:\n",
+    fprintf(out, "  bytes sent to other ranks (the diagonal is copied locally)%s:\n",
             r->options.steps > 1 ? ", last forward for the rows, all forwards for "
             "the rest" : "");
     fprintf(out, "    dispatch rows %" PRIu64 ", combine rows %" PRIu64 "\n", crossing,
@@ -243,7 +243,7 @@ static void print_steps(FILE *out, const struct moe_run_result *r)
             wait += r->wait_ns[rank][steps[i]];
         fprintf(out, " %.3f\n", ms(wait));
     }
-    fprintf(out, "  forward on %d rank%s, launch to last exit: %.3f ms; golden "
+    fprintf(out, "  forward on %d rank%s, start to end: %.3f ms; golden "
             "path in one process: %.3f ms\n", r->options.ranks,
             r->options.ranks == 1 ? "" : "s", ms((uint64_t)r->forward_ns),
             ms((uint64_t)r->golden_ns));
@@ -282,6 +282,12 @@ void moe_run_print_report(FILE *out, const struct moe_run_result *r)
     if (o->steps > 1)
         print_forwards(out, r);
     print_steps(out, r);
+    for (int rank = 0; o->trace_path && rank < o->ranks; rank++)
+        if (r->report[rank].trace_dropped > 0)
+            fprintf(out, "\ntrace: rank %d's buffer filled up in forward %" PRId64
+                    ", so its %" PRId64 " later spans are missing from %s\n", rank,
+                    r->report[rank].trace_full_forward, r->report[rank].trace_dropped,
+                    o->trace_path);
     if (o->dump_dir)
         print_stage_checks(out, r);
 

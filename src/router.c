@@ -173,7 +173,7 @@ void moe_route(const struct moe_router *r, const float *score_bias,
                const float *logits, int64_t tokens, int64_t experts,
                int64_t top_k, float *scores, int32_t *expert_ids, float *weights)
 {
-    unsigned char kept[MOE_MAX_EXPERTS];
+    unsigned char kept[MOE_MAX_EXPERTS], taken[MOE_MAX_EXPERTS];
     int64_t group_size = experts / r->groups;
 
     for (int64_t t = 0; t < tokens; t++) {
@@ -196,20 +196,19 @@ void moe_route(const struct moe_router *r, const float *score_bias,
 
         /* Selection by repeated scans: the strict comparison keeps the
          * lower index on ties, and `taken` rules out duplicates even when
-         * every key is NaN. */
+         * every key is NaN. O(K * E) per token. */
+        memset(taken, 0, (size_t)experts);
         for (int64_t k = 0; k < top_k; k++) {
             int64_t best = -1;
             for (int64_t e = 0; e < experts; e++) {
-                bool taken = false;
-                for (int64_t j = 0; j < k; j++)
-                    taken = taken || ids[j] == e;
-                if (taken || (r->groups > 1 && !kept[e / group_size]))
+                if (taken[e] || (r->groups > 1 && !kept[e / group_size]))
                     continue;
                 if (best < 0 || ranks_above(selection_key(row_scores, score_bias, e),
                                             selection_key(row_scores, score_bias, best)))
                     best = e;
             }
             ids[k] = (int32_t)best;
+            taken[best] = 1;
             w[k] = row_scores[best];
         }
 

@@ -11,9 +11,11 @@
 #include "moe_run.h"
 #include "moe_args.h"
 #include "moe_aux.h"
+#include "moe_diff.h"
 #include "moe_dist.h"
 #include "moe_dump.h"
 #include "moe_error.h"
+#include "moe_file.h"
 #include "moe_model.h"
 #include "moe_npy.h"
 #include "moe_transport.h"
@@ -24,6 +26,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* Largest accepted dimensions. They keep every product in 64 bits and every
@@ -743,6 +746,66 @@ int moe_run(const struct moe_run_options *options, struct moe_run_result *result
     return rc;
 }
 
+/* Returns 1 when paths a and b name the same file: the same path after
+ * following symbolic links, or the same inode. */
+static int same_file(const char *a, const char *b)
+{
+    char ra[4096], rb[4096];
+    struct stat sa, sb;
+    if (stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
+        sa.st_ino == sb.st_ino)
+        return 1;
+    if (moe_resolve_output_path(a, ra, sizeof ra) || moe_resolve_output_path(b, rb, sizeof rb))
+        return 0;
+    size_t la = strlen(ra), lb = strlen(rb);
+    while (la > 1 && ra[la - 1] == '/')
+        ra[--la] = '\0';
+    while (lb > 1 && rb[lb - 1] == '/')
+        rb[--lb] = '\0';
+    return !strcmp(ra, rb);
+}
+
+/* Returns 1 when `path` names one of the files a --dump into `dir` writes. */
+static int is_dump_file(const char *path, const char *dir)
+{
+    char copy[4096];
+    snprintf(copy, sizeof copy, "%s", path);
+    char *slash = strrchr(copy, '/');
+    const char *name = slash ? slash + 1 : copy;
+    if (slash)
+        *slash = '\0';
+    if (!same_file(slash ? (copy[0] ? copy : "/") : ".", dir))
+        return 0;
+    int64_t rank;
+    if (moe_dump_rank_file(name, &rank))
+        return 1;
+    for (int i = 0; moe_dump_stages[i]; i++)
+        if (!strcmp(moe_dump_stages[i], name))
+            return 1;
+    return 0;
+}
+
+/* Rejects two flags that name the same file, and an output that a --dump
+ * would overwrite, before anything runs. */
+static int check_distinct_paths(const struct moe_run_options *o)
+{
+    const char *flags[] = {"--input", "--output", "--stats", "--trace"};
+    const char *paths[] = {o->input_path, o->output_path, o->stats_path, o->trace_path};
+    for (int i = 0; i < 4; i++) {
+        if (!paths[i])
+            continue;
+        for (int j = i + 1; j < 4; j++)
+            if (paths[j] && same_file(paths[i], paths[j]))
+                return moe_fail(-EINVAL, "invalid %s '%s': it is also the %s file",
+                                flags[j], paths[j], flags[i]);
+        if (i > 0 && o->dump_dir && (same_file(paths[i], o->dump_dir) ||
+                                     is_dump_file(paths[i], o->dump_dir)))
+            return moe_fail(-EINVAL, "invalid %s '%s': --dump '%s' writes it",
+                            flags[i], paths[i], o->dump_dir);
+    }
+    return 0;
+}
+
 /* Checks the output paths, builds the layer and its tokens, applies the
  * options, and allocates the result's arrays. */
 static int prepare_run(struct moe_run_result *result, struct moe_weights *weights,
@@ -762,6 +825,8 @@ static int prepare_run(struct moe_run_result *result, struct moe_weights *weight
     if (o->trace_path && (rc = moe_check_output_path("--trace", o->trace_path)))
         return rc;
     if (o->dump_dir && (rc = moe_dump_check_dir(o->dump_dir, o->output_path)))
+        return rc;
+    if ((rc = check_distinct_paths(o)))
         return rc;
     const struct moe_shape *s = &o->shape;
     if (o->model_dir)

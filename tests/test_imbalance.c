@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* A small layer that runs in a few milliseconds per rank count. */
 #define SMALL "--tokens", "100", "--hidden", "64", "--ffn", "96"
@@ -341,4 +343,60 @@ Test(imbalance, dump_under_drops_matches, .timeout = 60)
         snprintf(command, sizeof command, "rm -rf %s", dir);
         cr_assert_eq(system(command), 0);
     }
+}
+
+/* Two flags naming one file, or a file the dump writes, are rejected
+ * before the run. */
+Test(imbalance, output_paths_must_differ, .timeout = 30)
+{
+    char a[128], dir[128], inside[192];
+    temp_path(a, sizeof a, "same.out");
+    temp_path(dir, sizeof dir, "dumpdir");
+    snprintf(inside, sizeof inside, "%s/output.npy", dir);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", SMALL, "--output", a, "--stats",
+                                                 a, NULL});
+    cr_assert_eq(o.status, 2, "%s", o.err);
+    cr_assert_not_null(strstr(o.err, "it is also the --output file"), "%s", o.err);
+    cr_assert_neq(access(a, F_OK), 0, "the run wrote %s", a);
+    cr_assert_eq(mkdir(dir, 0700), 0);
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", SMALL, "--dump", dir, "--trace",
+                                                 inside, NULL});
+    cr_assert_eq(o.status, 2, "%s", o.err);
+    cr_assert_not_null(strstr(o.err, "--dump"), "%s", o.err);
+    cr_assert_neq(access(inside, F_OK), 0, "the run wrote %s", inside);
+    cr_assert_eq(rmdir(dir), 0, "the run wrote into %s", dir);
+}
+
+/* A FIFO with no reader fails the stats write instead of blocking. */
+Test(imbalance, stats_fifo_without_reader_fails, .timeout = 30)
+{
+    char fifo[128];
+    temp_path(fifo, sizeof fifo, "stats.fifo");
+    unlink(fifo);
+    cr_assert_eq(mkfifo(fifo, 0600), 0);
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", SMALL, "--stats", fifo, NULL});
+    unlink(fifo);
+    cr_assert_eq(o.status, 3, "%s", o.err);
+    cr_assert_not_null(strstr(o.err, "FIFO"), "%s", o.err);
+    cr_assert_lt(o.seconds, 20.0);
+}
+
+/* With --check off the stats file claims no result of the check. */
+Test(imbalance, check_off_reports_nothing_compared, .timeout = 30)
+{
+    char stats[128];
+    temp_path(stats, sizeof stats, "checkoff.json");
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", SMALL, "--check", "off", "--stats",
+                                                 stats, NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    cr_assert_not_null(strstr(o.out, "golden check: skipped (--check off)"), "%s", o.out);
+    cJSON *root = read_json(stats);
+    cJSON *check = cJSON_GetObjectItem(root, "golden_check");
+    cr_assert(cJSON_IsFalse(cJSON_GetObjectItem(check, "ran")));
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(check, "output_bitwise_equal")));
+    cJSON_Delete(root);
+    unlink(stats);
 }
