@@ -149,8 +149,12 @@ int moe_parse_double(const char *flag, const char *text, double min,
     char *end;
     errno = 0;
     double v = strtod(text, &end);
+    /* ERANGE with a result below 1 in size is an underflow to 0 or a
+     * subnormal, which is still the number written; only overflow is out
+     * of range. */
+    int overflow = errno == ERANGE && fabs(v) >= 1.0;
     if (end == text || *end != '\0' || isspace((unsigned char)text[0]) ||
-        errno == ERANGE || !isfinite(v) || v < min || v > max)
+        overflow || !isfinite(v) || v < min || v > max)
         return moe_fail(-EINVAL, "invalid %s value '%s': expected a number "
                         "from %g to %g", flag, text, min, max);
     *value = v;

@@ -331,7 +331,7 @@ int moe_make_layer_parse(struct moe_make_layer_options *o, int argc, char **argv
             enum moe_activation activation;
             if (moe_activation_from_name(text, &activation))
                 return moe_fail(-EINVAL, "invalid --dense-act-fn value '%s': expected "
-                                MOE_DENSE_ACT_NAMES, text);
+                                "relu, gelu, gelu_new or silu", text);
             g.activation = (int)activation;
         } else if (!strcmp(flag, "--shards")) {
             int64_t v;
