@@ -575,9 +575,17 @@ static int build_model_layer(struct moe_run_result *result, float **tokens,
             rc = moe_model_load_layer(o->model_dir, &config, layer, o->shape.tokens, weights);
         goto out;
     }
-    if ((rc = load_tokens(o, tokens)) || (rc = check_memory(o)) ||
-        (rc = moe_model_load_layer_experts(o->model_dir, &config, layer, o->shape.tokens,
-                                           first, count, weights)))
+    if ((rc = load_tokens(o, tokens)) || (rc = check_memory(o)))
+        goto out;
+    rc = moe_model_load_layer_experts(o->model_dir, &config, layer, o->shape.tokens,
+                                      first, count, weights);
+    if (rc == -EINVAL && o->layer < 0 && strstr(moe_error_message(), "not found"))
+        /* A checkpoint may hold only a later layer, as make-layer --layer
+         * writes it. */
+        rc = moe_fail(rc, "%s; without --layer the first MoE layer of %s, %" PRId64
+                      ", runs, so give --layer to pick the one the files hold",
+                      moe_error_message(), config.path, layer);
+    if (rc)
         goto out;
     result->family = config.family->model_type;
     result->layer = layer;

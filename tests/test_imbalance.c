@@ -400,3 +400,22 @@ Test(imbalance, check_off_reports_nothing_compared, .timeout = 30)
     cJSON_Delete(root);
     unlink(stats);
 }
+
+/* A checkpoint that holds only a later layer names --layer in its error. */
+Test(imbalance, later_layer_checkpoint_hints_layer, .timeout = 30)
+{
+    char dir[128];
+    temp_path(dir, sizeof dir, "layer3");
+    struct outcome o;
+    run_program(&o, NULL, 0, 0, (const char *[]){"make-layer", "--family", "mixtral",
+                                                 "--layer", "3", "--out", dir, NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", "--model", dir, NULL});
+    cr_assert_eq(o.status, 2, "%s", o.err);
+    cr_assert_not_null(strstr(o.err, "give --layer"), "%s", o.err);
+    run_program(&o, NULL, 0, 0, (const char *[]){"run", "--model", dir, "--layer", "3", NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    char command[256];
+    snprintf(command, sizeof command, "rm -rf %s", dir);
+    cr_assert_eq(system(command), 0);
+}
