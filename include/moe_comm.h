@@ -78,7 +78,7 @@ int moe_allgather(struct moe_comm *comm, const void *send, uint64_t bytes,
 /* Sums `count` int64 values over all ranks, in place: every rank ends with
  * values[i] = sum over ranks r = 0..R-1, in that order, of rank r's
  * values[i]. Integer sums are exact, so the result is the same bits on
- * every rank and for any rank count; moe_aux.h turns float sums into
+ * every rank and for any rank count. moe_aux.h turns float sums into
  * integers for this. Built on the rings as an all-gather followed by a
  * local sum, which costs (R - 1) * count * 8 bytes sent per rank and suits
  * the small vectors it is used for. The bytes also count in

@@ -6,10 +6,10 @@
  * experts (moe_block_range). One forward is five steps:
  *   route     gate logits, scores and top-k for the rank's own tokens
  *   layout    all-gather of the (E) count of rows each rank sends to each
- *             expert, which gives every rank the full (R, E) layout; the
- *             all-reduce of the router stats for the aux losses; and, with
- *             a capacity, the decision of which rows each expert keeps
- *             (see src/dist.c)
+ *             expert, which gives every rank the full (R, E) layout. Then
+ *             the all-reduce of the router stats for the aux losses, and,
+ *             with a capacity, the decision of which rows each expert
+ *             keeps (see src/dist.c).
  *   dispatch  all-to-all of the token rows, then a local reorder so that
  *             each owned expert's rows are in global token order
  *   compute   one SwiGLU call per owned expert over all of its rows, and
@@ -159,7 +159,7 @@ struct moe_dist_input {
  * are kept across forwards. */
 struct moe_dist_rank;
 
-/* Where one rank's forward communicates and writes its results. */
+/* The transport, run area and slot that one rank's forward uses. */
 struct moe_dist_env {
     struct moe_transport *transport;
     void *area;             /* the run area (moe_run_area_init): in the

@@ -186,7 +186,7 @@ int moe_weights_alloc_experts(struct moe_weights *weights, const struct moe_shap
                               int with_shared_gate);
 
 /* Draws every allocated array of `weights` from `seed`. An expert gets the
- * same values whichever slice holds it. */
+ * same values in every slice that contains it. */
 void moe_weights_fill_random(struct moe_weights *weights, uint64_t seed);
 
 /* Allocates the weights for `shape`, without score bias or shared gate, and

@@ -143,8 +143,8 @@ struct moe_run_result {
 
 /* Runs the layer under mpirun, one rank per MPI process, over the MPI
  * transport. Every process calls it; rank 0 gathers the results, runs the
- * golden check and fills `result`, and *is_root tells the caller which
- * process prints the report. A failure on one rank after the set-up ends
+ * golden check and fills `result`. *is_root is set on the process that
+ * prints the report, or the error. A failure on one rank after the set-up ends
  * the job through MPI_Abort with status 3. Returns as moe_run(). */
 int moe_run_mpi(const struct moe_run_options *options, struct moe_run_result *result,
                 int *is_root);

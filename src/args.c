@@ -150,8 +150,8 @@ int moe_parse_double(const char *flag, const char *text, double min,
     errno = 0;
     double v = strtod(text, &end);
     /* ERANGE with a result below 1 in size is an underflow to 0 or a
-     * subnormal, which is still the number written; only overflow is out
-     * of range. */
+     * subnormal, which still is the number written. Only an overflow is
+     * out of range. */
     int overflow = errno == ERANGE && fabs(v) >= 1.0;
     if (end == text || *end != '\0' || isspace((unsigned char)text[0]) ||
         overflow || !isfinite(v) || v < min || v > max)

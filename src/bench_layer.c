@@ -108,8 +108,8 @@ static int forward_rank_main(struct moe_comm *comm, void *arg)
     rc = moe_dist_forward(rank);
     for (int rep = 0; rc == 0 && rep < plan->repeats; rep++) {
         rc = moe_barrier(comm);
-        /* The forward adds its step times to the slot; start from zero so
-         * that the slot holds this forward's alone. */
+        /* The forward adds its step times to the slot, so start from zero
+         * to keep this forward's times alone. */
         memset(slot->step_ns, 0, sizeof slot->step_ns);
         memset(slot->wait_ns, 0, sizeof slot->wait_ns);
         if (rc == 0)

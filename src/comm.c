@@ -228,9 +228,9 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
     int64_t next_liveness = moe_now_ns() + LIVENESS_PERIOD_NS;
     /* A peer seen to have exited while this rank still waited on it. A
      * peer that finished its last collective exits at once, possibly before
-     * this rank has drained its final records, so the verdict waits for one
-     * more pass over the rings: everything the peer wrote before it exited
-     * is drained by then. */
+     * this rank has drained its final records. So the verdict waits for one
+     * more pass over the rings, which drains everything the peer wrote
+     * before it exited. */
     int suspect = -1;
     int32_t suspect_pid = 0;
     for (;;) {

@@ -196,8 +196,8 @@ static void trace_add(struct moe_dist_rank *f, int kind, int step, int64_t start
         return;
     }
     if (n >= f->trace_capacity) {
-        /* Full: later spans are counted, not drawn, and the report says
-         * where the trace stops. */
+        /* Full: later spans are counted, not drawn, and the report names
+         * the forward where the trace stops. */
         if (f->report->trace_dropped++ == 0)
             f->report->trace_full_forward = f->forward;
         return;

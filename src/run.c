@@ -779,10 +779,13 @@ static int is_dump_file(const char *path, const char *dir)
     char copy[4096];
     snprintf(copy, sizeof copy, "%s", path);
     char *slash = strrchr(copy, '/');
-    const char *name = slash ? slash + 1 : copy;
-    if (slash)
+    const char *name = copy, *parent = ".";
+    if (slash) {
         *slash = '\0';
-    if (!same_file(slash ? (copy[0] ? copy : "/") : ".", dir))
+        name = slash + 1;
+        parent = copy[0] ? copy : "/";
+    }
+    if (!same_file(parent, dir))
         return 0;
     int64_t rank;
     if (moe_dump_rank_file(name, &rank))

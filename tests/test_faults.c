@@ -873,8 +873,8 @@ Test(faults, launcher_dies_in_golden_check, .timeout = 60, .fini = kill_started_
     }
 }
 
-/* With the launcher stopped, nobody sets the abort flag, so the peers of a
- * dead rank must notice by themselves that it no longer runs. */
+/* With the launcher stopped, no process sets the abort flag, so the peers
+ * of a dead rank must detect by themselves that it no longer runs. */
 Test(faults, peers_notice_death_without_launcher, .timeout = 60,
      .fini = kill_started_groups)
 {

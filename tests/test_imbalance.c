@@ -322,7 +322,7 @@ Test(imbalance, bad_capacity_flags, .timeout = 30)
     cr_assert_not_null(strstr(o.err, "--steps"), "%s", o.err);
 }
 
-/* With drops the ranks receive fewer than T * K rows; the dump of the
+/* With drops the ranks receive fewer than T * K rows. The dump of the
  * received rows must still match the golden path, also after several
  * forwards have reused the buffers. */
 Test(imbalance, dump_under_drops_matches, .timeout = 60)
