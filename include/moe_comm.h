@@ -41,6 +41,11 @@ struct moe_comm {
      * (moe_now_ns), when set; the run's trace records them. */
     void (*on_wait)(void *arg, int step, int64_t start_ns, int64_t end_ns);
     void *on_wait_arg;
+    /* The current note exchange (moe_notes_begin). */
+    uint64_t *notes;                /* (R x notes_per_source) values */
+    uint64_t notes_per_source;
+    uint64_t *notes_got;            /* (R) notes received per peer */
+    uint64_t *notes_sent;           /* (R) notes sent per peer */
 };
 
 /* Attaches `rank` to the rings of a validated segment. Returns 0, -ENOMEM,
@@ -69,6 +74,45 @@ int moe_alltoallv(struct moe_comm *comm, const void *send,
                   const uint64_t *send_bytes, const uint64_t *send_offsets,
                   void *recv, const uint64_t *recv_bytes,
                   const uint64_t *recv_offsets);
+
+/* Notes: small ring records for exchanges whose data moves outside the
+ * rings. A note is one uint64 value sent to one peer, tagged with the
+ * current exchange's sequence number. The data itself is written straight
+ * into the receiver's memory in the segment (its window), and the note says
+ * that a part of it is complete. So each byte crosses once, while the
+ * rings still carry every message between the ranks.
+ *
+ * moe_notes_begin() starts an exchange: it takes the next sequence number
+ * and gives the storage for the values received, per_source values from
+ * each rank s at store[s * per_source]. moe_notes_send() sends one value to
+ * rank d; when the ring is full it waits for room, draining incoming notes
+ * meanwhile so that two ranks sending to each other cannot deadlock.
+ * moe_notes_wait() returns when at least need[s] notes have come from every
+ * rank s (need[me] is ignored). c->notes_got[s] says how many have come.
+ * Both return 0, -EPROTO (a record with the wrong tag or length),
+ * -ETIMEDOUT or -ECANCELED. A peer may start its next exchange before this
+ * rank has finished, so records after the per_source-th are left for the
+ * next call, where a note too many shows as a record with the wrong tag.
+ * The values are the peers' to choose: the caller checks them. */
+int moe_notes_begin(struct moe_comm *comm, uint64_t *store, uint64_t per_source);
+int moe_notes_send(struct moe_comm *comm, int d, uint64_t value);
+int moe_notes_wait(struct moe_comm *comm, const uint64_t *need);
+
+/* All-to-all that writes each block straight into its receiver's memory:
+ * this rank copies send_bytes[d] bytes from send + send_offsets[d] to
+ * dst[d], a pointer into rank d's part of the segment as mapped in this
+ * process, then sends d a note with the byte count. It returns when every
+ * peer s has sent a note whose count equals recv_bytes[s]; the receiver's
+ * own buffer then holds the data at the places its peers were told.
+ * Each byte is copied once. The caller keeps a peer from overwriting a
+ * block before its receiver is done with it: the next exchange into the
+ * same place must follow a collective that the receiver enters only when
+ * done (the forward's next layout exchange does this), or alternate
+ * between two places. Returns as moe_alltoallv(), and -EPROTO when a
+ * peer's count differs from recv_bytes. */
+int moe_alltoallv_direct(struct moe_comm *comm, const void *send,
+                         const uint64_t *send_bytes, const uint64_t *send_offsets,
+                         void *const *dst, const uint64_t *recv_bytes);
 
 /* Gathers `bytes` bytes from every rank into recv (R * bytes), rank s's
  * block at s * bytes. */

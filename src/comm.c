@@ -41,7 +41,10 @@ int moe_comm_attach(struct moe_comm *comm, struct moe_segment_header *segment,
     comm->from = calloc((size_t)R, sizeof *comm->from);
     comm->sent = calloc((size_t)R, sizeof *comm->sent);
     comm->received = calloc((size_t)R, sizeof *comm->received);
-    if (!comm->to || !comm->from || !comm->sent || !comm->received) {
+    comm->notes_got = calloc((size_t)R, sizeof *comm->notes_got);
+    comm->notes_sent = calloc((size_t)R, sizeof *comm->notes_sent);
+    if (!comm->to || !comm->from || !comm->sent || !comm->received ||
+        !comm->notes_got || !comm->notes_sent) {
         moe_comm_detach(comm);
         return moe_fail(-ENOMEM, "rank %d: out of memory for ring handles", rank);
     }
@@ -80,6 +83,10 @@ void moe_comm_detach(struct moe_comm *comm)
     free(comm->from);
     free(comm->sent);
     free(comm->received);
+    free(comm->notes_got);
+    free(comm->notes_sent);
+    comm->notes_got = NULL;
+    comm->notes_sent = NULL;
     comm->to = NULL;
     comm->from = NULL;
     comm->sent = NULL;
@@ -146,21 +153,47 @@ static int process_exited(int32_t pid)
     return after && after[1] == ' ' && (after[2] == 'Z' || after[2] == 'X');
 }
 
-/* Returns 1 while this rank still has bytes to send to or receive from
- * peer p in the current call. */
-static int peer_pending(const struct moe_comm *c, int p, const uint64_t *send_bytes,
-                        const uint64_t *recv_bytes)
+/* What a waiting call is waiting for: whether peer p still owes this rank
+ * something (or is owed), and the timeout message. */
+struct wait_rule {
+    int (*pending)(const struct moe_comm *c, int p, const void *ctx);
+    int (*timed_out)(struct moe_comm *c, const void *ctx, double seconds);
+    const void *ctx;
+};
+
+/* The state of one waiting call: its deadline, and a peer seen to have
+ * exited while this rank still waited on it. */
+struct waiter {
+    int64_t timeout_ns;
+    int64_t deadline;
+    int64_t next_liveness;
+    int suspect;
+    int32_t suspect_pid;
+};
+
+static int waiter_start(struct moe_comm *c, struct waiter *w)
 {
-    return p != c->rank && (c->sent[p] < send_bytes[p] || c->received[p] < recv_bytes[p]);
+    /* Read once per call, and bounded, because any rank can write the
+     * header. */
+    int64_t timeout_ns = MOE_READ_ONCE(c->segment->timeout_ns);
+    if (timeout_ns <= 0 || timeout_ns > MOE_MAX_TIMEOUT_NS)
+        return moe_fail(-EPROTO, "rank %d: the segment's timeout of %lld ns "
+                        "in %s is invalid, expected 1 to %lld", c->rank,
+                        (long long)timeout_ns, moe_step_name(c->step),
+                        (long long)MOE_MAX_TIMEOUT_NS);
+    int64_t now = moe_now_ns();
+    *w = (struct waiter){.timeout_ns = timeout_ns, .deadline = now + timeout_ns,
+                         .next_liveness = now + LIVENESS_PERIOD_NS, .suspect = -1};
+    return 0;
 }
 
 /* Returns a peer this rank still waits on whose process has exited, or -1.
  * A slot without a pid belongs to a rank that has not attached yet. */
-static int find_exited_peer(const struct moe_comm *c, const uint64_t *send_bytes,
-                            const uint64_t *recv_bytes, int32_t *pid_out)
+static int find_exited_peer(const struct moe_comm *c, const struct wait_rule *rule,
+                            int32_t *pid_out)
 {
     for (int p = 0; p < c->ranks; p++) {
-        if (!peer_pending(c, p, send_bytes, recv_bytes))
+        if (p == c->rank || !rule->pending(c, p, rule->ctx))
             continue;
         int32_t pid = MOE_READ_ONCE(moe_segment_slot(c->segment, p)->pid);
         if (pid > 0 && process_exited(pid)) {
@@ -171,24 +204,83 @@ static int find_exited_peer(const struct moe_comm *c, const uint64_t *send_bytes
     return -1;
 }
 
-/* Builds the timeout message: the first peer this rank still waits on. */
-static int report_timeout(struct moe_comm *c, const uint64_t *send_bytes,
-                          const uint64_t *recv_bytes, int64_t timeout_ns)
+/* Called after a pass over the rings that left something pending. `seen`
+ * is this rank's doorbell as read before the pass. Returns 0 when the
+ * caller should make another pass, or an error.
+ *
+ * A peer that finished its last collective exits at once, possibly before
+ * this rank has drained its final records. So the verdict on a peer seen
+ * to have exited waits for one more pass over the rings, which drains
+ * everything the peer wrote before it exited. */
+static int waiter_next(struct moe_comm *c, struct waiter *w, const struct wait_rule *rule,
+                       int progress, uint32_t seen)
 {
-    double seconds = (double)timeout_ns / 1e9;
+    struct moe_segment_header *seg = c->segment;
+    if (w->suspect >= 0) {
+        if (rule->pending(c, w->suspect, rule->ctx)) {
+            /* Set the flag here, so that the launcher names the rank that
+             * died, not this one. */
+            moe_segment_abort(seg);
+            return moe_fail(-ECANCELED, "rank %d: rank %d (pid %ld) exited "
+                            "while this rank waited for it in %s", c->rank,
+                            w->suspect, (long)w->suspect_pid, moe_step_name(c->step));
+        }
+        w->suspect = -1;
+    }
+    if (progress) {
+        w->deadline = moe_now_ns() + w->timeout_ns;
+        return 0;
+    }
+
+    int64_t wait_start = moe_now_ns();
+    int rc = moe_doorbell_wait(seg, c->rank, seen, w->deadline);
+    int64_t wait_end = moe_now_ns();
+    c->wait_ns[c->step] += (uint64_t)(wait_end - wait_start);
+    if (c->on_wait)
+        c->on_wait(c->on_wait_arg, c->step, wait_start, wait_end);
+    if (rc == -ETIMEDOUT)
+        return rule->timed_out(c, rule->ctx, (double)w->timeout_ns / 1e9);
+    if (rc)
+        return moe_fail(rc, "rank %d: stopped in %s because the run was "
+                        "aborted", c->rank, moe_step_name(c->step));
+    if (wait_end >= w->next_liveness) {
+        w->next_liveness = wait_end + LIVENESS_PERIOD_NS;
+        w->suspect = find_exited_peer(c, rule, &w->suspect_pid);
+    }
+    return 0;
+}
+
+/* The byte counts of one moe_alltoallv call, for its wait rule. */
+struct transfer {
+    const uint64_t *send_bytes;
+    const uint64_t *recv_bytes;
+};
+
+/* Returns 1 while this rank still has bytes to send to or receive from
+ * peer p in the current call. */
+static int transfer_pending(const struct moe_comm *c, int p, const void *ctx)
+{
+    const struct transfer *t = ctx;
+    return c->sent[p] < t->send_bytes[p] || c->received[p] < t->recv_bytes[p];
+}
+
+/* Builds the timeout message: the first peer this rank still waits on. */
+static int transfer_timed_out(struct moe_comm *c, const void *ctx, double seconds)
+{
+    const struct transfer *t = ctx;
     for (int s = 0; s < c->ranks; s++)
-        if (s != c->rank && c->received[s] < recv_bytes[s])
+        if (s != c->rank && c->received[s] < t->recv_bytes[s])
             return moe_fail(-ETIMEDOUT, "rank %d: timed out after %.3g s in %s "
                             "waiting for rank %d (received %" PRIu64 " of %"
                             PRIu64 " bytes)", c->rank, seconds,
                             moe_step_name(c->step), s, c->received[s],
-                            recv_bytes[s]);
+                            t->recv_bytes[s]);
     for (int d = 0; d < c->ranks; d++)
-        if (d != c->rank && c->sent[d] < send_bytes[d])
+        if (d != c->rank && c->sent[d] < t->send_bytes[d])
             return moe_fail(-ETIMEDOUT, "rank %d: timed out after %.3g s in %s "
                             "waiting for rank %d to make room (sent %" PRIu64
                             " of %" PRIu64 " bytes)", c->rank, seconds,
-                            moe_step_name(c->step), d, c->sent[d], send_bytes[d]);
+                            moe_step_name(c->step), d, c->sent[d], t->send_bytes[d]);
     return moe_fail(-ETIMEDOUT, "rank %d: timed out in %s", c->rank,
                     moe_step_name(c->step));
 }
@@ -216,23 +308,12 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
         c->received[p] = p == me ? recv_bytes[p] : 0;
     }
 
-    /* Read once per call, and bounded, because any rank can write the
-     * header. */
-    int64_t timeout_ns = MOE_READ_ONCE(seg->timeout_ns);
-    if (timeout_ns <= 0 || timeout_ns > MOE_MAX_TIMEOUT_NS)
-        return moe_fail(-EPROTO, "rank %d: the segment's timeout of %lld ns "
-                        "in %s is invalid, expected 1 to %lld", me,
-                        (long long)timeout_ns, moe_step_name(c->step),
-                        (long long)MOE_MAX_TIMEOUT_NS);
-    int64_t deadline = moe_now_ns() + timeout_ns;
-    int64_t next_liveness = moe_now_ns() + LIVENESS_PERIOD_NS;
-    /* A peer seen to have exited while this rank still waited on it. A
-     * peer that finished its last collective exits at once, possibly before
-     * this rank has drained its final records. So the verdict waits for one
-     * more pass over the rings, which drains everything the peer wrote
-     * before it exited. */
-    int suspect = -1;
-    int32_t suspect_pid = 0;
+    struct transfer transfer = {send_bytes, recv_bytes};
+    struct wait_rule rule = {transfer_pending, transfer_timed_out, &transfer};
+    struct waiter w;
+    int rc = waiter_start(c, &w);
+    if (rc)
+        return rc;
     for (;;) {
         uint32_t seen = atomic_load_explicit(&moe_segment_slot(seg, me)->doorbell,
                                              memory_order_acquire);
@@ -278,38 +359,218 @@ int moe_alltoallv(struct moe_comm *c, const void *send,
 
         if (!pending)
             return 0;
-        if (suspect >= 0) {
-            if (peer_pending(c, suspect, send_bytes, recv_bytes)) {
-                /* Set the flag here, so that the launcher names the rank
-                 * that died, not this one. */
-                moe_segment_abort(seg);
-                return moe_fail(-ECANCELED, "rank %d: rank %d (pid %ld) exited "
-                                "while this rank waited for it in %s", me, suspect,
-                                (long)suspect_pid, moe_step_name(c->step));
-            }
-            suspect = -1;
-        }
-        if (progress) {
-            deadline = moe_now_ns() + timeout_ns;
-            continue;
-        }
-
-        int64_t wait_start = moe_now_ns();
-        int rc = moe_doorbell_wait(seg, me, seen, deadline);
-        int64_t wait_end = moe_now_ns();
-        c->wait_ns[c->step] += (uint64_t)(wait_end - wait_start);
-        if (c->on_wait)
-            c->on_wait(c->on_wait_arg, c->step, wait_start, wait_end);
-        if (rc == -ETIMEDOUT)
-            return report_timeout(c, send_bytes, recv_bytes, timeout_ns);
+        rc = waiter_next(c, &w, &rule, progress, seen);
         if (rc)
-            return moe_fail(rc, "rank %d: stopped in %s because the run was "
-                            "aborted", me, moe_step_name(c->step));
-        if (wait_end >= next_liveness) {
-            next_liveness = wait_end + LIVENESS_PERIOD_NS;
-            suspect = find_exited_peer(c, send_bytes, recv_bytes, &suspect_pid);
+            return rc;
+    }
+}
+
+/* ---- notes --------------------------------------------------------------- */
+
+int moe_notes_begin(struct moe_comm *c, uint64_t *store, uint64_t per_source)
+{
+    c->sequence++;
+    c->notes = store;
+    c->notes_per_source = per_source;
+    for (int p = 0; p < c->ranks; p++) {
+        c->notes_got[p] = 0;
+        c->notes_sent[p] = 0;
+    }
+    return 0;
+}
+
+/* Takes every note that has come from peer s. Returns the number taken or
+ * a negative error. */
+static int drain_notes(struct moe_comm *c, int s)
+{
+    uint32_t tag = c->sequence;
+    int taken = 0;
+    /* Records past the last note of this exchange belong to the peer's
+     * next call, which may already have started. */
+    while (c->notes_got[s] < c->notes_per_source) {
+        struct moe_ring_record record;
+        int rc = moe_ring_peek(&c->from[s], &record);
+        if (rc == -EAGAIN)
+            break;
+        if (rc)
+            return moe_fail(rc, "rank %d: rank %d wrote an invalid record or "
+                            "head index in %s: %s", c->rank, s,
+                            moe_step_name(c->step), moe_error_message());
+        if (record.tag != tag)
+            return moe_fail(-EPROTO, "rank %d: record from rank %d in %s has "
+                            "tag %" PRIu32 ", expected %" PRIu32
+                            " (the ranks called different collectives)",
+                            c->rank, s, moe_step_name(c->step), record.tag, tag);
+        if (record.length != sizeof(uint64_t))
+            return moe_fail(-EPROTO, "rank %d: note from rank %d in %s has "
+                            "length %" PRIu32 ", expected %zu", c->rank, s,
+                            moe_step_name(c->step), record.length, sizeof(uint64_t));
+        uint64_t value;
+        moe_ring_copy_payload(&record, &value);
+        moe_ring_release(&c->from[s], &record);
+        c->notes[(uint64_t)s * c->notes_per_source + c->notes_got[s]] = value;
+        c->notes_got[s]++;
+        taken++;
+    }
+    return taken;
+}
+
+/* Drains every peer once; sets *progress when a note came. */
+static int drain_all_notes(struct moe_comm *c, int *progress)
+{
+    for (int i = 1; i < c->ranks; i++) {
+        int s = (c->rank + c->ranks - i) % c->ranks;
+        int taken = drain_notes(c, s);
+        if (taken < 0)
+            return taken;
+        if (taken) {
+            moe_doorbell_ring(c->segment, s); /* s may be waiting for room */
+            *progress = 1;
         }
     }
+    return 0;
+}
+
+/* One peer the note calls wait on: the receiver of a note that does not
+ * fit yet, or (in moe_notes_wait) the senders of notes still owed. */
+struct note_wait {
+    int send_to;          /* peer whose ring is full, or -1 */
+    const uint64_t *need; /* (R) notes owed, or NULL */
+};
+
+static int note_pending(const struct moe_comm *c, int p, const void *ctx)
+{
+    const struct note_wait *nw = ctx;
+    return p == nw->send_to || (nw->need && c->notes_got[p] < nw->need[p]);
+}
+
+static int note_timed_out(struct moe_comm *c, const void *ctx, double seconds)
+{
+    const struct note_wait *nw = ctx;
+    if (nw->send_to >= 0)
+        return moe_fail(-ETIMEDOUT, "rank %d: timed out after %.3g s in %s "
+                        "waiting for rank %d to make room for a note", c->rank,
+                        seconds, moe_step_name(c->step), nw->send_to);
+    for (int s = 0; s < c->ranks; s++)
+        if (s != c->rank && c->notes_got[s] < nw->need[s])
+            return moe_fail(-ETIMEDOUT, "rank %d: timed out after %.3g s in %s "
+                            "waiting for rank %d (received %" PRIu64 " of %"
+                            PRIu64 " notes)", c->rank, seconds,
+                            moe_step_name(c->step), s, c->notes_got[s], nw->need[s]);
+    return moe_fail(-ETIMEDOUT, "rank %d: timed out in %s", c->rank,
+                    moe_step_name(c->step));
+}
+
+int moe_notes_send(struct moe_comm *c, int d, uint64_t value)
+{
+    struct note_wait nw = {.send_to = d};
+    struct wait_rule rule = {note_pending, note_timed_out, &nw};
+    struct waiter w;
+    int started = 0;
+    for (;;) {
+        uint32_t seen = atomic_load_explicit(&moe_segment_slot(c->segment, c->rank)->doorbell,
+                                             memory_order_acquire);
+        int rc = moe_ring_try_send(&c->to[d], c->sequence, &value, sizeof value);
+        if (rc == 0) {
+            c->notes_sent[d]++;
+            moe_doorbell_ring(c->segment, d);
+            return 0;
+        }
+        if (rc != -EAGAIN)
+            return moe_fail(rc, "rank %d: cannot send a note to rank %d in %s: %s",
+                            c->rank, d, moe_step_name(c->step),
+                            rc == -EPROTO ? "it wrote an invalid tail index"
+                                          : "the ring is too small");
+        if (!started) {
+            rc = waiter_start(c, &w);
+            if (rc)
+                return rc;
+            started = 1;
+        }
+        int progress = 0;
+        rc = drain_all_notes(c, &progress);
+        if (rc == 0)
+            rc = waiter_next(c, &w, &rule, progress, seen);
+        if (rc)
+            return rc;
+    }
+}
+
+static int notes_missing(const struct moe_comm *c, const uint64_t *need)
+{
+    for (int s = 0; s < c->ranks; s++)
+        if (s != c->rank && c->notes_got[s] < need[s])
+            return 1;
+    return 0;
+}
+
+int moe_notes_wait(struct moe_comm *c, const uint64_t *need)
+{
+    for (int s = 0; s < c->ranks; s++)
+        if (s != c->rank && need[s] > c->notes_per_source)
+            return moe_fail(-EINVAL, "rank %d: in %s, waiting for %" PRIu64
+                            " notes from rank %d, more than the %" PRIu64
+                            " it may send", c->rank, moe_step_name(c->step),
+                            need[s], s, c->notes_per_source);
+    struct note_wait nw = {.send_to = -1, .need = need};
+    struct wait_rule rule = {note_pending, note_timed_out, &nw};
+    struct waiter w;
+    int started = 0;
+    for (;;) {
+        uint32_t seen = atomic_load_explicit(&moe_segment_slot(c->segment, c->rank)->doorbell,
+                                             memory_order_acquire);
+        int progress = 0;
+        int rc = drain_all_notes(c, &progress);
+        if (rc)
+            return rc;
+        if (!notes_missing(c, need))
+            return 0;
+        if (!started) {
+            rc = waiter_start(c, &w);
+            if (rc)
+                return rc;
+            started = 1;
+        }
+        rc = waiter_next(c, &w, &rule, progress, seen);
+        if (rc)
+            return rc;
+    }
+}
+
+int moe_alltoallv_direct(struct moe_comm *c, const void *send,
+                         const uint64_t *send_bytes, const uint64_t *send_offsets,
+                         void *const *dst, const uint64_t *recv_bytes)
+{
+    const uint8_t *base = send;
+    int me = c->rank, R = c->ranks;
+    if (send_bytes[me] != recv_bytes[me])
+        return moe_fail(-EINVAL, "rank %d: in %s, %" PRIu64 " bytes sent to "
+                        "itself but %" PRIu64 " expected", me,
+                        moe_step_name(c->step), send_bytes[me], recv_bytes[me]);
+    /* c->received holds one note per peer: the byte count it wrote. */
+    moe_notes_begin(c, c->received, 1);
+    if (send_bytes[me])
+        memcpy(dst[me], base + send_offsets[me], send_bytes[me]);
+    for (int i = 1; i < R; i++) {
+        int d = (me + i) % R;
+        if (send_bytes[d])
+            memcpy(dst[d], base + send_offsets[d], send_bytes[d]);
+        c->bytes_sent[c->step] += send_bytes[d];
+        int rc = moe_notes_send(c, d, send_bytes[d]);
+        if (rc)
+            return rc;
+    }
+    for (int p = 0; p < R; p++)
+        c->sent[p] = 1;
+    int rc = moe_notes_wait(c, c->sent);
+    if (rc)
+        return rc;
+    for (int s = 0; s < R; s++)
+        if (s != me && c->received[s] != recv_bytes[s])
+            return moe_fail(-EPROTO, "rank %d: in %s, rank %d wrote %" PRIu64
+                            " bytes, but %" PRIu64 " were announced", me,
+                            moe_step_name(c->step), s, c->received[s], recv_bytes[s]);
+    return 0;
 }
 
 int moe_allgather(struct moe_comm *c, const void *send, uint64_t bytes,
