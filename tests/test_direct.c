@@ -304,7 +304,7 @@ static void expect_all_ok(const struct report *r, int ranks, uint64_t blocks_per
     }
 }
 
-Test(direct, every_byte_arrives_for_1_to_6_ranks, .timeout = TEST_TIMEOUT_S)
+Test(direct, every_byte_arrives, .timeout = TEST_TIMEOUT_S)
 {
     struct case_config c = {.scenario = RUN_DIRECT};
     for (int R = 1; R <= 6; R++) {
@@ -314,7 +314,7 @@ Test(direct, every_byte_arrives_for_1_to_6_ranks, .timeout = TEST_TIMEOUT_S)
     }
 }
 
-Test(direct, notes_pass_through_rings_that_hold_only_a_few, .timeout = TEST_TIMEOUT_S)
+Test(direct, notes_pass_tiny_rings, .timeout = TEST_TIMEOUT_S)
 {
     struct case_config c = {.scenario = RUN_NOTES};
     for (int R = 2; R <= 5; R++) {
@@ -343,7 +343,7 @@ static const struct rank_verdict *run_failure(enum scenario scenario, struct rep
     return &r->app.verdict[r->failed_rank];
 }
 
-Test(direct, a_wrong_byte_count_is_reported, .timeout = TEST_TIMEOUT_S)
+Test(direct, wrong_count_reported, .timeout = TEST_TIMEOUT_S)
 {
     struct report r;
     const struct rank_verdict *v = run_failure(RUN_WRONG_COUNT, &r);
@@ -352,7 +352,7 @@ Test(direct, a_wrong_byte_count_is_reported, .timeout = TEST_TIMEOUT_S)
     cr_expect(strstr(text, "rank 2 wrote 101 bytes, but 100 were announced"), "%s", text);
 }
 
-Test(direct, one_note_too_many_is_reported, .timeout = TEST_TIMEOUT_S)
+Test(direct, extra_note_reported, .timeout = TEST_TIMEOUT_S)
 {
     struct report r;
     const struct rank_verdict *v = run_failure(RUN_EXTRA_NOTE, &r);
@@ -364,7 +364,7 @@ Test(direct, one_note_too_many_is_reported, .timeout = TEST_TIMEOUT_S)
               "%s", text);
 }
 
-Test(direct, a_silent_peer_times_out_with_its_rank_named, .timeout = TEST_TIMEOUT_S)
+Test(direct, silent_peer_times_out, .timeout = TEST_TIMEOUT_S)
 {
     struct report r;
     const struct rank_verdict *v = run_failure(RUN_SILENT, &r);
