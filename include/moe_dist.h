@@ -33,17 +33,21 @@ struct moe_run_area_spec {
     int dump;        /* the stage arrays of --dump */
     int64_t steps;   /* forwards the ranks run (--steps), at least 1 */
     int trace;       /* a trace buffer for every rank (--trace) */
+    int windows;     /* a window pair for every rank, for the direct
+                        exchange of the shm transport */
 };
 
 /* One span of a rank's trace: a step of one forward, or one wait on peers
  * inside it. Times are moe_now_ns(), the same clock in every rank. */
-enum moe_trace_kind { MOE_TRACE_STEP = 0, MOE_TRACE_WAIT = 1 };
+enum moe_trace_kind { MOE_TRACE_STEP = 0, MOE_TRACE_WAIT = 1, MOE_TRACE_EXPERT = 2 };
 struct moe_trace_event {
     int64_t start_ns, end_ns;
     int32_t kind;    /* enum moe_trace_kind */
     int32_t step;    /* enum moe_step */
     int64_t forward; /* 0 .. steps - 1 */
-    uint64_t bytes;  /* STEP: bytes this rank sent in the step */
+    uint64_t bytes;  /* STEP: bytes this rank sent in the step;
+                        EXPERT: the rows of the expert's call */
+    int64_t expert;  /* EXPERT: which expert; the span is its call */
 };
 
 /* Waits closer together than this are merged into one trace span. */
@@ -105,6 +109,15 @@ struct moe_run_area {
                                    rows start after the rows the lower
                                    ranks were routed (before drops); its
                                    report says how many it received. */
+    /* The windows of the direct exchange, when present: rank r's input
+     * window (rows pushed to its experts, expert-major) at
+     * window_offset + 2r x window_stride, and its output window (its
+     * experts' output rows, in the same order) one stride later. Each
+     * holds window_rows rows of H floats: T x K, the most one rank can be
+     * sent. */
+    uint64_t window_offset;
+    uint64_t window_stride;
+    int64_t window_rows;    /* 0 without windows */
     uint64_t area_bytes;
 };
 
@@ -153,6 +166,10 @@ struct moe_dist_input {
     uint64_t seed;
     int draw_tokens;
     float bias_update_rate;
+    /* Direct exchange only: wait for every expert's rows before the first
+     * expert runs, instead of starting each expert when its rows are in.
+     * The output is the same; this measures what the overlap gains. */
+    int wait_all_rows;
 };
 
 /* One rank's state: its blocks of tokens and experts and its buffers, which

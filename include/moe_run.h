@@ -43,9 +43,14 @@ struct moe_run_options {
     /* Observability: */
     const char *stats_path;   /* --stats JSON, or NULL */
     const char *trace_path;   /* --trace JSON, or NULL */
+    const char *plot_dir;     /* --plot directory for the SVGs, or NULL */
     /* Transport and check: */
     int transport;            /* enum moe_transport_kind */
     int check;                /* 1: run the golden check; 0: --check off */
+    int exchange_rings;       /* --exchange rings: rows travel in the rings
+                                 (always so under mpi); 0: direct */
+    int overlap;              /* --overlap off: 0, so the direct exchange
+                                 waits for all rows before computing */
     int ranks_given;          /* --ranks was on the command line */
     /* Set by the MPI driver: this process loads only the experts that rank
      * slice_rank of slice_ranks owns. slice_ranks 0 loads all. */

@@ -65,6 +65,11 @@ struct moe_transport_ops {
                    const uint64_t *recv_offsets, int root);
     void (*abort)(struct moe_transport *t, int status);
     void (*close)(struct moe_transport *t);
+    /* Notes (moe_comm.h), for exchanges that write into the peers' windows
+     * in the shared segment. Only shm has them; NULL under mpi. */
+    int (*notes_begin)(struct moe_transport *t, uint64_t *store, uint64_t per_source);
+    int (*notes_send)(struct moe_transport *t, int d, uint64_t value);
+    int (*notes_wait)(struct moe_transport *t, const uint64_t *need);
 };
 
 /*
@@ -169,6 +174,32 @@ static inline int moe_transport_alltoallv(struct moe_transport *t,
 {
     return t->ops->alltoallv(t, send, send_bytes, send_offsets, recv, recv_bytes,
                              recv_offsets);
+}
+
+/* Returns 1 when the transport has notes, so that the ranks can write
+ * into each other's windows in one shared segment (shm), 0 otherwise. */
+static inline int moe_transport_has_notes(const struct moe_transport *t)
+{
+    return t->ops->notes_send != NULL;
+}
+
+/* The notes of moe_comm.h, with the transport's counters: waits count in
+ * wait_ns of the current step. A note's payload is not counted in
+ * bytes_sent; the caller adds the bytes it wrote into a peer's window. */
+static inline int moe_transport_notes_begin(struct moe_transport *t, uint64_t *store,
+                                            uint64_t per_source)
+{
+    return t->ops->notes_begin(t, store, per_source);
+}
+
+static inline int moe_transport_notes_send(struct moe_transport *t, int d, uint64_t value)
+{
+    return t->ops->notes_send(t, d, value);
+}
+
+static inline int moe_transport_notes_wait(struct moe_transport *t, const uint64_t *need)
+{
+    return t->ops->notes_wait(t, need);
 }
 
 /* Gathers `bytes` bytes from every rank into recv (R x bytes), rank s's

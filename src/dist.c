@@ -69,7 +69,8 @@ static uint64_t layout_run_area(struct moe_run_area *a, const struct moe_shape *
     uint64_t stats_len = (uint64_t)moe_router_stats_len((int64_t)E);
     uint64_t trace_capacity = 0;
     if (spec->trace) {
-        trace_capacity = 256 * steps;
+        /* The steps and waits of a forward, and one span per expert call. */
+        trace_capacity = (256 + E) * steps;
         if (trace_capacity > (1u << 16))
             trace_capacity = 1u << 16;
     }
@@ -95,6 +96,15 @@ static uint64_t layout_run_area(struct moe_run_area *a, const struct moe_shape *
     if (trace_capacity) {
         a->trace_offset = at;
         at += align64((uint64_t)ranks * trace_capacity * sizeof(struct moe_trace_event));
+    }
+    if (spec->windows) {
+        /* Rows of T x K floats fit below the limit checked above. */
+        a->window_rows = (int64_t)(T * K);
+        a->window_stride = align64(T * K * H * sizeof(float));
+        a->window_offset = at;
+        if (a->window_stride > limit / 2 / (uint64_t)ranks)
+            return 0;
+        at += 2 * (uint64_t)ranks * a->window_stride;
     }
     if (spec->dump) {
         a->logits_offset = at;
@@ -178,34 +188,49 @@ struct moe_dist_rank {
 
     struct moe_trace_event *trace; /* this rank's buffer, or NULL */
     int64_t trace_capacity;
+
+    /* The direct exchange, when the run area has windows and the
+     * transport has notes; see moe_dist_forward(). */
+    int windows;
+    uint8_t *window_base;    /* rank 0's input window, in this mapping */
+    uint64_t window_stride;
+    int64_t window_rows;
+    uint64_t *notes;         /* (R, experts_max): notes received */
+    uint64_t *need;          /* (R): notes to wait for */
+    int64_t *expert_base;    /* (E): first row of expert e in its owner's
+                                windows */
+    int64_t *kept_columns;   /* (R x experts_max x R) scratch of the gather
+                                of kept counts, probs policy only */
 };
 
-/* Appends a span to the trace. A wait that starts soon after the last
- * wait span extends that span instead. */
-static void trace_add(struct moe_dist_rank *f, int kind, int step, int64_t start,
-                      int64_t end, uint64_t bytes)
+/* Appends a span to the trace and returns it, or NULL when the trace is
+ * off or full. A wait that starts soon after the last wait span extends
+ * that span instead. */
+static struct moe_trace_event *trace_add(struct moe_dist_rank *f, int kind, int step,
+                                         int64_t start, int64_t end, uint64_t bytes)
 {
     if (!f->trace)
-        return;
+        return NULL;
     int64_t n = f->report->trace_events;
     struct moe_trace_event *last = n > 0 ? &f->trace[n - 1] : NULL;
     if (kind == MOE_TRACE_WAIT && last && last->kind == MOE_TRACE_WAIT &&
         last->step == step && last->forward == f->forward &&
         start - last->end_ns < MOE_TRACE_MERGE_NS) {
         last->end_ns = end;
-        return;
+        return last;
     }
     if (n >= f->trace_capacity) {
         /* Full: later spans are counted, not drawn, and the report names
          * the forward where the trace stops. */
         if (f->report->trace_dropped++ == 0)
             f->report->trace_full_forward = f->forward;
-        return;
+        return NULL;
     }
     f->trace[n] = (struct moe_trace_event){.start_ns = start, .end_ns = end,
                                            .kind = kind, .step = step,
                                            .forward = f->forward, .bytes = bytes};
     f->report->trace_events = n + 1;
+    return &f->trace[n];
 }
 
 static void record_wait(void *arg, int step, int64_t start, int64_t end)
@@ -447,6 +472,43 @@ out:
     return rc;
 }
 
+/* Completes kept_counts for every (source, expert), which the probs
+ * policy leaves to each expert's owner, because the direct exchange needs
+ * every expert's rows per source to place rows in the owner's window. Each
+ * rank contributes the columns of the experts it owns. */
+static int gather_kept_counts(struct moe_dist_rank *f, int64_t E)
+{
+    struct moe_transport *t = f->t;
+    int R = t->ranks, me = t->rank;
+    int64_t experts_max = (E + R - 1) / R, per_rank = experts_max * R;
+    int64_t *mine = f->kept_columns, *all = f->kept_columns + per_rank;
+    memset(mine, 0, (size_t)per_rank * sizeof *mine);
+    for (int64_t j = 0; j < f->experts; j++)
+        for (int src = 0; src < R; src++)
+            mine[j * R + src] = f->kept_counts[src * E + f->expert_first + j];
+    uint64_t before = t->bytes_sent[t->step];
+    int rc = moe_transport_allgather(t, mine, (uint64_t)per_rank * sizeof *mine, all);
+    f->report->capacity_bytes += t->bytes_sent[t->step] - before;
+    if (rc)
+        return rc;
+    for (int owner = 0; owner < R; owner++) {
+        int64_t first, count;
+        moe_block_range(E, R, owner, &first, &count);
+        for (int64_t j = 0; owner != me && j < count; j++)
+            for (int src = 0; src < R; src++) {
+                int64_t e = first + j, kept = all[owner * per_rank + j * R + src];
+                if (kept < 0 || kept > f->all_counts[src * E + e] ||
+                    (src == me && kept != f->kept_counts[me * E + e]))
+                    return moe_fail(-EPROTO, "rank %d: rank %d says expert %" PRId64
+                                    " keeps %" PRId64 " rows of rank %d, which "
+                                    "differs from the layout or the keep flags",
+                                    me, owner, e, kept, src);
+                f->kept_counts[src * E + e] = kept;
+            }
+    }
+    return 0;
+}
+
 /* Decides the survivors, then writes this rank's share of the drops into
  * the run area. */
 static int apply_capacity(struct moe_dist_rank *f, void *area)
@@ -456,9 +518,11 @@ static int apply_capacity(struct moe_dist_rank *f, void *area)
     int64_t E = w->shape.experts, K = w->shape.top_k, n = f->tokens * K;
     int R = f->t->ranks, me = f->t->rank;
     int rc = 0;
-    if (w->capacity.limit >= 0 && w->capacity.policy == MOE_DROP_PROBS)
+    if (w->capacity.limit >= 0 && w->capacity.policy == MOE_DROP_PROBS) {
         rc = keep_by_probs(f, E);
-    else
+        if (rc == 0 && f->windows)
+            rc = gather_kept_counts(f, E);
+    } else
         keep_by_position(f, E, w->capacity.limit);
     if (rc)
         return rc;
@@ -489,6 +553,17 @@ static int apply_capacity(struct moe_dist_rank *f, void *area)
             if (!f->keep[row] && moe_expert_owner(E, R, e) != me)
                 f->report->saved_bytes += 2 * row_bytes;
     return 0;
+}
+
+/* Moves the slots of the kept rows to the front of order[], keeping their
+ * (expert, token) order. Returns their count. */
+static int64_t compact_kept_order(struct moe_dist_rank *f)
+{
+    int64_t n = f->tokens * f->input->weights->shape.top_k, out = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (f->keep[i])
+            f->order[out++] = f->order[i];
+    return out;
 }
 
 /* Packs the kept rows into the send buffer in (expert, token) order, and
@@ -542,7 +617,7 @@ static void reorder_rows(const struct moe_dist_rank *f, int64_t E, int64_t H,
 static int reserve_received(struct moe_dist_rank *f, int64_t rows, int64_t max_rows)
 {
     const struct moe_shape *s = &f->input->weights->shape;
-    if (rows > f->received_capacity || !f->recv_rows) {
+    if (!f->windows && (rows > f->received_capacity || !f->recv_rows)) {
         free(f->recv_rows);
         free(f->expert_in);
         free(f->expert_out);
@@ -582,7 +657,8 @@ int moe_dist_rank_new(const struct moe_dist_env *env, const struct moe_dist_inpu
     if (env->area_capacity < sizeof *run || run->magic != MOE_RUN_AREA_MAGIC)
         return moe_fail(-EPROTO, "rank %d: the run area is missing", me);
     struct moe_run_area_spec spec = {.dump = (int)run->dump, .steps = run->steps,
-                                     .trace = run->trace_capacity > 0};
+                                     .trace = run->trace_capacity > 0,
+                                     .windows = run->window_rows > 0};
     if (run->ranks != R || memcmp(&run->shape, s, sizeof *s) != 0 ||
         (run->dump != 0 && run->dump != 1) || run->steps < 1 ||
         run->area_bytes != moe_run_area_bytes(s, R, &spec) ||
@@ -609,6 +685,22 @@ int moe_dist_rank_new(const struct moe_dist_env *env, const struct moe_dist_inpu
     moe_block_range(s->tokens, R, me, &f->token_first, &f->tokens);
     moe_block_range(E, R, me, &f->expert_first, &f->experts);
     int64_t n = f->tokens;
+    /* The window positions come from a layout computed here, not from the
+     * shared area, which any rank can rewrite. */
+    struct moe_run_area layout;
+    layout_run_area(&layout, s, R, &spec);
+    int64_t experts_max = (E + R - 1) / R;
+    if (layout.window_rows > 0 && moe_transport_has_notes(t)) {
+        f->windows = 1;
+        f->window_base = (uint8_t *)run + layout.window_offset;
+        f->window_stride = layout.window_stride;
+        f->window_rows = layout.window_rows;
+        f->notes = calloc((size_t)(R * (experts_max + 1)), sizeof *f->notes);
+        f->need = calloc((size_t)R, sizeof *f->need);
+        f->expert_base = calloc((size_t)E, sizeof *f->expert_base);
+        f->kept_columns = calloc((size_t)(experts_max * R * (R + 1) + 1),
+                                 sizeof *f->kept_columns);
+    }
     const struct moe_weights *w = in->weights;
     if (f->experts > 0 && (w->expert_first > f->expert_first ||
                            w->expert_first + w->expert_count < f->expert_first + f->experts)) {
@@ -629,12 +721,16 @@ int moe_dist_rank_new(const struct moe_dist_env *env, const struct moe_dist_inpu
     f->stats = calloc((size_t)moe_router_stats_len(E), sizeof(int64_t));
     f->order = malloc((size_t)(n * K + 1) * sizeof(int64_t));
     f->keep = malloc((size_t)(n * K + 1));
-    f->send_rows = moe_alloc_large((size_t)(n * K * s->hidden + 1) * sizeof(float));
+    if (!f->windows)
+        f->send_rows = moe_alloc_large((size_t)(n * K * s->hidden + 1) * sizeof(float));
     f->slot_rows = malloc((size_t)(n * K + 1) * sizeof(*f->slot_rows));
     f->table = calloc(5 * (size_t)R, sizeof(uint64_t));
     int failed = !f->logits || !f->probs || !f->ids || !f->weights || !f->counts ||
                  !f->all_counts || !f->kept_counts || !f->stats || !f->order ||
-                 !f->keep || !f->send_rows || !f->slot_rows || !f->table;
+                 !f->keep || !f->slot_rows || !f->table ||
+                 (!f->windows && !f->send_rows) ||
+                 (f->windows && (!f->notes || !f->need || !f->expert_base ||
+                                 !f->kept_columns));
     if (run->steps > 1 && in->draw_tokens) {
         f->step_tokens = moe_alloc_large((size_t)(n * s->hidden + 1) * sizeof(float));
         failed = failed || !f->step_tokens;
@@ -689,6 +785,10 @@ void moe_dist_rank_free(struct moe_dist_rank *f)
     free(f->shared_out);
     free(f->slot_rows);
     free(f->table);
+    free(f->notes);
+    free(f->need);
+    free(f->expert_base);
+    free(f->kept_columns);
     free(f);
 }
 
@@ -736,14 +836,17 @@ static void dump_combine(const struct moe_dist_rank *f, void *area, int64_t kept
                         f->token_first * K * H;
     memset(expert_out, 0, (size_t)(n * K * H) * sizeof(float));
     for (int64_t i = 0; i < kept_rows; i++)
-        memcpy(expert_out + f->order[i] * H, f->send_rows + i * H,
+        memcpy(expert_out + f->order[i] * H, f->slot_rows[f->order[i]],
                (size_t)H * sizeof(float));
     if (f->shared_out)
         memcpy((float *)moe_run_area_at(area, a->shared_out_offset) + f->token_first * H,
                f->shared_out, (size_t)(n * H) * sizeof(float));
 }
 
-int moe_dist_forward(struct moe_dist_rank *f)
+/* Dispatch, compute and combine through the rings: the rows travel in
+ * ring records, twice, and are reordered between source-major and
+ * expert-major on the owner. */
+static int exchange_rings(struct moe_dist_rank *f, const float *x)
 {
     struct moe_transport *t = f->t;
     const struct moe_dist_input *in = f->input;
@@ -756,36 +859,7 @@ int moe_dist_forward(struct moe_dist_rank *f)
     uint64_t *send_bytes = f->table, *send_offsets = f->table + R,
              *recv_bytes = f->table + 2 * R, *recv_offsets = f->table + 3 * R,
              *recv_first_row = f->table + 4 * R;
-    int64_t stats_len = moe_router_stats_len(E);
     int rc;
-
-    /* Route. */
-    begin_step(f, MOE_STEP_ROUTE);
-    const float *x = forward_tokens(f);
-    rc = route(f, x);
-    end_step(f, MOE_STEP_ROUTE);
-    if (rc)
-        return rc;
-    if (run->dump)
-        dump_route(f, area);
-
-    /* Layout exchange, the router stats, and the capacity decision. */
-    begin_step(f, MOE_STEP_LAYOUT);
-    rc = moe_transport_allgather(t, f->counts, (uint64_t)E * sizeof(int64_t), f->all_counts);
-    if (rc == 0)
-        rc = validate_layout(f, s);
-    if (rc == 0)
-        rc = moe_transport_allreduce_i64(t, f->stats, stats_len);
-    if (rc == 0)
-        rc = apply_capacity(f, area);
-    end_step(f, MOE_STEP_LAYOUT);
-    if (rc)
-        return rc;
-    int64_t slot_of_step = f->forward < run->steps ? f->forward : run->steps - 1;
-    if (me == 0)
-        memcpy((int64_t *)moe_run_area_at(area, run->stats_offset) + slot_of_step * stats_len,
-               f->stats, (size_t)stats_len * sizeof(int64_t));
-    memcpy(moe_run_area_counts(area) + me * E, f->counts, (size_t)E * sizeof(int64_t));
 
     /* Dispatch: the send block for rank d covers the experts d owns. */
     begin_step(f, MOE_STEP_DISPATCH);
@@ -854,6 +928,266 @@ int moe_dist_forward(struct moe_dist_rank *f)
             dump_combine(f, area, kept_rows);
     }
     end_step(f, MOE_STEP_COMBINE);
+    return rc;
+}
+
+/* The input (which 0) or output (which 1) window of `rank`, as mapped in
+ * this process. */
+static float *window_of(const struct moe_dist_rank *f, int rank, int which)
+{
+    return (float *)(f->window_base + (2 * (uint64_t)rank + (uint64_t)which) *
+                                          f->window_stride);
+}
+
+/* Rows that ranks below `src` keep for expert e: where src's rows start
+ * among e's rows. */
+static int64_t rows_before_source(const struct moe_dist_rank *f, int64_t E, int64_t e,
+                                  int src)
+{
+    int64_t rows = 0;
+    for (int s = 0; s < src; s++)
+        rows += f->kept_counts[s * E + e];
+    return rows;
+}
+
+/* Sets expert_base[e], the first row of expert e in its owner's windows:
+ * the rows of the owner's lower experts come first. */
+static void set_expert_base(struct moe_dist_rank *f, int64_t E)
+{
+    int R = f->t->ranks;
+    for (int owner = 0; owner < R; owner++) {
+        int64_t first, count, row = 0;
+        moe_block_range(E, R, owner, &first, &count);
+        for (int64_t e = first; e < first + count; e++) {
+            f->expert_base[e] = row;
+            row += rows_of_expert(f, E, e);
+        }
+    }
+}
+
+/* Dispatch of the direct exchange: writes each kept row straight into the
+ * input window of its expert's owner, at the row the owner's golden order
+ * gives it, and sends the owner a note with the row count after each
+ * expert. This rank's own experts come first, then the next ranks up, so
+ * that each owner can start on its first expert early. */
+static int push_rows(struct moe_dist_rank *f, const float *x)
+{
+    struct moe_transport *t = f->t;
+    const struct moe_shape *s = &f->input->weights->shape;
+    int64_t H = s->hidden, E = s->experts, K = s->top_k;
+    int R = t->ranks, me = t->rank;
+    size_t row_bytes = (size_t)H * sizeof(float);
+
+    /* first_row[e]: this rank's first kept row of expert e in order[]. The
+     * scratch of the kept-count gather is free again and has room for E. */
+    int64_t *first_row = f->kept_columns;
+    int64_t row = 0;
+    for (int64_t e = 0; e < E; e++) {
+        first_row[e] = row;
+        row += f->kept_counts[me * E + e];
+    }
+    for (int i = 0; i < R; i++) {
+        int d = (me + i) % R;
+        int64_t first, count;
+        moe_block_range(E, R, d, &first, &count);
+        float *window = window_of(f, d, 0);
+        for (int64_t e = first; e < first + count; e++) {
+            int64_t rows = f->kept_counts[me * E + e];
+            float *dst = window + (f->expert_base[e] + rows_before_source(f, E, e, me)) * H;
+            const int64_t *slots = f->order + first_row[e];
+            for (int64_t j = 0; j < rows; j++)
+                memcpy(dst + j * H, x + (slots[j] / K) * H, row_bytes);
+            if (d == me)
+                continue;
+            t->bytes_sent[t->step] += (uint64_t)rows * row_bytes;
+            int rc = moe_transport_notes_send(t, d, (uint64_t)rows);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+/* Compute of the direct exchange: each owned expert runs as soon as every
+ * source's note for it has come, while later experts' rows may still be
+ * on their way. The expert's rows are the same matrix, in the same order,
+ * as the golden path's. The outputs go to this rank's output window. */
+static int compute_when_ready(struct moe_dist_rank *f)
+{
+    struct moe_transport *t = f->t;
+    const struct moe_dist_input *in = f->input;
+    int64_t H = in->weights->shape.hidden, E = in->weights->shape.experts;
+    int R = t->ranks, me = t->rank;
+    float *input = window_of(f, me, 0), *output = window_of(f, me, 1);
+    for (int64_t j = 0; j < f->experts; j++) {
+        int64_t e = f->expert_first + j;
+        for (int src = 0; src < R; src++)
+            f->need[src] = in->wait_all_rows ? (uint64_t)f->experts : (uint64_t)j + 1;
+        int rc = moe_transport_notes_wait(t, f->need);
+        if (rc)
+            return rc;
+        for (int src = 0; src < R; src++) {
+            uint64_t told = f->notes[(uint64_t)src * (uint64_t)f->experts + (uint64_t)j];
+            if (src != me && told != (uint64_t)f->kept_counts[src * E + e])
+                return moe_fail(-EPROTO, "rank %d: rank %d wrote %" PRIu64 " rows "
+                                "for expert %" PRId64 ", but the layout says %" PRId64,
+                                me, src, told, e, f->kept_counts[src * E + e]);
+        }
+        int64_t rows = rows_of_expert(f, E, e), start = moe_now_ns();
+        moe_expert_run(in->weights, e, input + f->expert_base[e] * H, rows, f->scratch,
+                       output + f->expert_base[e] * H);
+        struct moe_trace_event *span = trace_add(f, MOE_TRACE_EXPERT, MOE_STEP_COMPUTE,
+                                                 start, moe_now_ns(), (uint64_t)rows);
+        if (span)
+            span->expert = e;
+    }
+    return 0;
+}
+
+/* Dispatch, compute and combine with the direct exchange: every row is
+ * copied once, by its sender, into the owner's input window, and the
+ * combine reads the outputs where the owner wrote them. The rings carry
+ * the notes. A window is written again only in the next forward, after
+ * its layout exchange, which no rank enters before it is done with the
+ * windows of this one. */
+static int exchange_direct(struct moe_dist_rank *f, const float *x)
+{
+    struct moe_transport *t = f->t;
+    const struct moe_dist_input *in = f->input;
+    const struct moe_shape *s = &in->weights->shape;
+    int64_t H = s->hidden, E = s->experts, K = s->top_k, n = f->tokens;
+    int R = t->ranks, me = t->rank;
+    uint64_t row_bytes = (uint64_t)H * sizeof(float);
+    void *area = f->area;
+    struct moe_run_area *run = area;
+    uint64_t *recv_first_row = f->table + 4 * R;
+
+    begin_step(f, MOE_STEP_DISPATCH);
+    int64_t kept_rows = compact_kept_order(f);
+    int64_t received_rows = 0, max_rows = 0;
+    set_expert_base(f, E);
+    for (int src = 0; src < R; src++) {
+        recv_first_row[src] = (uint64_t)received_rows;
+        received_rows += rows_from(f, E, src);
+    }
+    for (int64_t e = f->expert_first; e < f->expert_first + f->experts; e++)
+        if (rows_of_expert(f, E, e) > max_rows)
+            max_rows = rows_of_expert(f, E, e);
+    f->report->received_rows = received_rows;
+    int rc = reserve_received(f, received_rows, max_rows);
+    if (rc == 0)
+        rc = moe_transport_notes_begin(t, f->notes, (uint64_t)f->experts);
+    if (rc == 0)
+        rc = push_rows(f, x);
+    end_step(f, MOE_STEP_DISPATCH);
+    if (rc)
+        return rc;
+
+    begin_step(f, MOE_STEP_COMPUTE);
+    rc = compute_when_ready(f);
+    if (rc == 0)
+        moe_shared_expert_forward(in->weights, x, f->token_first, n, f->shared_scratch,
+                                  f->shared_out);
+    end_step(f, MOE_STEP_COMPUTE);
+    if (rc)
+        return rc;
+    if (run->dump) {
+        /* The rows received, source-major as the rings would deliver them. */
+        const struct moe_run_area *a = area;
+        int64_t before = 0;
+        for (int src = 0; src < R; src++)
+            for (int64_t e = 0; e < f->expert_first; e++)
+                before += f->all_counts[src * E + e];
+        float *dump = (float *)moe_run_area_at(area, a->recv_x_offset) + before * H;
+        reorder_rows(f, E, H, recv_first_row, dump, window_of(f, me, 0), 0);
+    }
+
+    /* Combine: tell each source that its rows are done, wait until every
+     * owner has said so, and sum each token's rows from the owners'
+     * output windows. */
+    begin_step(f, MOE_STEP_COMBINE);
+    rc = moe_transport_notes_begin(t, f->notes, 1);
+    for (int i = 1; rc == 0 && i < R; i++) {
+        int d = (me + i) % R;
+        t->bytes_sent[t->step] += (uint64_t)rows_from(f, E, d) * row_bytes;
+        rc = moe_transport_notes_send(t, d, (uint64_t)rows_from(f, E, d));
+    }
+    for (int src = 0; src < R; src++)
+        f->need[src] = 1;
+    if (rc == 0)
+        rc = moe_transport_notes_wait(t, f->need);
+    for (int owner = 0; rc == 0 && owner < R; owner++) {
+        int64_t first, count, rows = 0;
+        moe_block_range(E, R, owner, &first, &count);
+        for (int64_t e = first; e < first + count; e++)
+            rows += f->kept_counts[me * E + e];
+        if (owner != me && f->notes[owner] != (uint64_t)rows)
+            rc = moe_fail(-EPROTO, "rank %d: rank %d computed %" PRIu64 " rows for "
+                          "this rank, but the layout says %" PRId64, me, owner,
+                          f->notes[owner], rows);
+    }
+    if (rc == 0) {
+        for (int64_t i = 0; i < n * K; i++)
+            f->slot_rows[i] = NULL; /* a dropped slot adds nothing */
+        int64_t i = 0;
+        for (int64_t e = 0; e < E; e++) {
+            const float *rows = window_of(f, moe_expert_owner(E, R, e), 1) +
+                                (f->expert_base[e] + rows_before_source(f, E, e, me)) * H;
+            for (int64_t j = 0; j < f->kept_counts[me * E + e]; j++, i++)
+                f->slot_rows[f->order[i]] = rows + j * H;
+        }
+        float *out = moe_run_area_output(area) + f->token_first * H;
+        moe_combine(n, H, K, f->weights, f->slot_rows, out);
+        if (f->shared_out)
+            moe_add_shared(out, f->shared_out, n, H);
+        if (run->dump)
+            dump_combine(f, area, kept_rows);
+    }
+    end_step(f, MOE_STEP_COMBINE);
+    return rc;
+}
+
+int moe_dist_forward(struct moe_dist_rank *f)
+{
+    struct moe_transport *t = f->t;
+    const struct moe_dist_input *in = f->input;
+    const struct moe_shape *s = &in->weights->shape;
+    int64_t E = s->experts, K = s->top_k;
+    int me = t->rank;
+    void *area = f->area;
+    struct moe_run_area *run = area;
+    int64_t stats_len = moe_router_stats_len(E);
+    int rc;
+
+    /* Route. */
+    begin_step(f, MOE_STEP_ROUTE);
+    const float *x = forward_tokens(f);
+    rc = route(f, x);
+    end_step(f, MOE_STEP_ROUTE);
+    if (rc)
+        return rc;
+    if (run->dump)
+        dump_route(f, area);
+
+    /* Layout exchange, the router stats, and the capacity decision. */
+    begin_step(f, MOE_STEP_LAYOUT);
+    rc = moe_transport_allgather(t, f->counts, (uint64_t)E * sizeof(int64_t), f->all_counts);
+    if (rc == 0)
+        rc = validate_layout(f, s);
+    if (rc == 0)
+        rc = moe_transport_allreduce_i64(t, f->stats, stats_len);
+    if (rc == 0)
+        rc = apply_capacity(f, area);
+    end_step(f, MOE_STEP_LAYOUT);
+    if (rc)
+        return rc;
+    int64_t slot_of_step = f->forward < run->steps ? f->forward : run->steps - 1;
+    if (me == 0)
+        memcpy((int64_t *)moe_run_area_at(area, run->stats_offset) + slot_of_step * stats_len,
+               f->stats, (size_t)stats_len * sizeof(int64_t));
+    memcpy(moe_run_area_counts(area) + me * E, f->counts, (size_t)E * sizeof(int64_t));
+
+    rc = f->windows ? exchange_direct(f, x) : exchange_rings(f, x);
     f->report->allreduce_bytes = t->allreduce_bytes;
     if (rc == 0 && f->bias && in->bias_update_rate > 0.0f)
         moe_selection_bias_update(f->bias, f->stats, E, K, in->bias_update_rate);

@@ -293,6 +293,13 @@ int moe_run_write_trace(const char *path, const struct moe_run_result *r)
                 add_event(events, "wait", "wait", "X", rank, ts, dur, args);
                 continue;
             }
+            if (t[i].kind == MOE_TRACE_EXPERT) {
+                char name[40];
+                snprintf(name, sizeof name, "expert %lld", (long long)t[i].expert);
+                cJSON_AddNumberToObject(args, "rows", (double)t[i].bytes);
+                add_event(events, name, "expert", "X", rank, ts, dur, args);
+                continue;
+            }
             cJSON_AddNumberToObject(args, "bytes_sent", (double)t[i].bytes);
             add_event(events, moe_step_name(t[i].step), "step", "X", rank, ts, dur, args);
             if (t[i].bytes) {

@@ -54,6 +54,7 @@ void moe_run_options_default(struct moe_run_options *o)
         .steps = 1,
         .transport = MOE_TRANSPORT_SHM,
         .check = 1,
+        .overlap = 1,
     };
 }
 
@@ -109,6 +110,12 @@ void moe_run_usage(FILE *out)
         "                    where --ranks is not used) [shm]\n"
         "  --check on|off    run the golden check; off for layers too big for\n"
         "                    one process [on]\n"
+        "  --exchange X      direct: each sender writes its rows into the owner's\n"
+        "                    window in shared memory and the rings carry notes;\n"
+        "                    rings: the rows travel in the rings [direct; mpi\n"
+        "                    always moves rows in MPI messages]\n"
+        "  --overlap on|off  direct exchange: start each expert as soon as its\n"
+        "                    rows are in (on), or wait for all rows (off) [on]\n"
         "  --input FILE      .npy array (T, H) of tokens, float32, float16 or\n"
         "                    float64, used instead of random ones; sets T and H\n"
         "  --output FILE     write the layer output (T, H) as a float32 .npy file\n"
@@ -141,7 +148,7 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
             "--layer", "--dump", "--router", "--renormalize", "--scaling-factor",
             "--capacity-factor", "--min-capacity", "--expert-capacity", "--drop-policy",
             "--skew", "--steps", "--bias-update-rate", "--stats", "--trace",
-            "--transport", "--check", NULL,
+            "--transport", "--check", "--exchange", "--overlap", NULL,
         };
         const char *text;
         if ((rc = moe_next_option("run", known, argc, argv, &i, &text)))
@@ -164,6 +171,14 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
         } else if (!strcmp(flag, "--check")) {
             if ((rc = moe_parse_on_off(flag, text, &o->check)))
                 return rc;
+        } else if (!strcmp(flag, "--overlap")) {
+            if ((rc = moe_parse_on_off(flag, text, &o->overlap)))
+                return rc;
+        } else if (!strcmp(flag, "--exchange")) {
+            if (strcmp(text, "direct") && strcmp(text, "rings"))
+                return moe_fail(-EINVAL, "invalid --exchange value '%s': expected direct "
+                                "or rings", text);
+            o->exchange_rings = !strcmp(text, "rings");
         } else if (!strcmp(flag, "--tokens")) {
             if ((rc = moe_parse_int64(flag, text, 1, MAX_TOKENS, &o->shape.tokens)))
                 return rc;
@@ -915,10 +930,12 @@ static int run_blocked(struct moe_run_result *result)
 
     /* Distributed forward. */
     struct moe_run_area_spec spec = {.dump = o->dump_dir != NULL, .steps = o->steps,
-                                     .trace = o->trace_path != NULL};
+                                     .trace = o->trace_path != NULL,
+                                     .windows = !o->exchange_rings};
     struct moe_dist_input input = {.weights = &weights, .tokens = tokens,
                                    .seed = o->seed, .draw_tokens = !o->input_path,
-                                   .bias_update_rate = (float)o->bias_update_rate};
+                                   .bias_update_rate = (float)o->bias_update_rate,
+                                   .wait_all_rows = !o->overlap};
     struct moe_launch_config config = {
         .ranks = o->ranks,
         .ring_capacity = o->ring_bytes,

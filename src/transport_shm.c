@@ -148,6 +148,28 @@ static void shm_close(struct moe_transport *t)
     t->state = NULL;
 }
 
+static int shm_notes_begin(struct moe_transport *t, uint64_t *store, uint64_t per_source)
+{
+    moe_comm_set_step(comm_of(t), t->step);
+    return moe_notes_begin(comm_of(t), store, per_source);
+}
+
+static int shm_notes_send(struct moe_transport *t, int d, uint64_t value)
+{
+    uint64_t wait_before_ns = begin_call(t);
+    int rc = moe_notes_send(comm_of(t), d, value);
+    end_call(t, wait_before_ns, 0);
+    return rc;
+}
+
+static int shm_notes_wait(struct moe_transport *t, const uint64_t *need)
+{
+    uint64_t wait_before_ns = begin_call(t);
+    int rc = moe_notes_wait(comm_of(t), need);
+    end_call(t, wait_before_ns, 0);
+    return rc;
+}
+
 static const struct moe_transport_ops SHM_OPS = {
     .allgather = shm_allgather,
     .alltoallv = shm_alltoallv,
@@ -156,6 +178,9 @@ static const struct moe_transport_ops SHM_OPS = {
     .gatherv = shm_gatherv,
     .abort = shm_abort,
     .close = shm_close,
+    .notes_begin = shm_notes_begin,
+    .notes_send = shm_notes_send,
+    .notes_wait = shm_notes_wait,
 };
 
 /* Passes a wait in the rings on to the transport's hook. */

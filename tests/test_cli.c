@@ -157,17 +157,32 @@ Test(cli, bad_input_file_exits_2, .timeout = 60)
     cr_assert_not_null(strstr(o.err, path), "stderr: %s", o.err);
 }
 
-Test(cli, stalled_rank_times_out_with_3, .timeout = 60)
+/* Runs 4 ranks whose rank 1 stalls in dispatch, with the given exchange,
+ * and checks the timeout message. The rings wait for the rows in
+ * dispatch; the direct exchange waits for them in compute, where each
+ * expert waits for its rows. */
+static void expect_stall_timeout(const char *exchange, const char *message)
 {
     struct outcome o;
     run_program(&o, "MOE_EP_FAULT=1:dispatch:stall", 0, 0,
-                (const char *[]){"run", SMALL, "--ranks", "4", "--timeout", "0.5", NULL});
+                (const char *[]){"run", SMALL, "--ranks", "4", "--timeout", "0.5",
+                                 "--exchange", exchange, NULL});
     cr_assert_eq(o.status, 3, "stderr: %s", o.err);
-    cr_assert_not_null(strstr(o.err, "timed out after 0.5 s in dispatch waiting for rank 1"),
-                       "stderr: %s", o.err);
+    cr_assert_not_null(strstr(o.err, message), "stderr: %s", o.err);
     /* 0.5 s timeout plus the 2 s grace for the stalled rank, with margin. */
     cr_assert_lt(o.seconds, 10.0);
     cr_assert_eq(segment_count(), 0);
+}
+
+Test(cli, stalled_rank_times_out_rings, .timeout = 60)
+{
+    expect_stall_timeout("rings", "timed out after 0.5 s in dispatch waiting for rank 1");
+}
+
+Test(cli, stalled_rank_times_out_direct, .timeout = 60)
+{
+    expect_stall_timeout("direct", "timed out after 0.5 s in compute waiting for rank 1 "
+                                   "(received 0 of 1 notes)");
 }
 
 Test(cli, killed_rank_exits_3, .timeout = 60)

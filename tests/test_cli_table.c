@@ -60,6 +60,8 @@ static const struct flag_spec FLAGS[] = {
     {"run", "--trace", OUTPUT, 0, NULL},
     {"run", "--transport", WORD, 0, NULL},
     {"run", "--check", WORD, 0, NULL},
+    {"run", "--exchange", WORD, 0, NULL},
+    {"run", "--overlap", WORD, 0, NULL},
     {"run", "--input", INPUT, 0, NULL},
     {"run", "--output", OUTPUT, 0, NULL},
     {"run", "--dump", OUTPUT, 0, NULL},

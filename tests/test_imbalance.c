@@ -47,36 +47,45 @@ static cJSON *read_json(const char *path)
 }
 
 /* Dropping keeps the output bitwise equal to the golden path on every
- * rank count, under both policies, and the output file is the same bytes
- * for every rank count. */
-Test(imbalance, drops_are_bitwise_for_any_rank_count, .timeout = 120)
+ * rank count, under both policies and with every exchange, and the output
+ * file is the same bytes for every rank count and exchange. */
+Test(imbalance, drops_are_bitwise_for_any_rank_count, .timeout = 180)
 {
     const char *policies[] = {"position", "probs"};
+    /* The rings, the direct exchange, and the direct exchange without the
+     * overlap of compute with the arrival of rows. */
+    const char *exchanges[][2] = {{"rings", "on"}, {"direct", "on"}, {"direct", "off"}};
     for (int p = 0; p < 2; p++) {
         char *first = NULL;
-        for (int R = 1; R <= 8; R++) {
-            char ranks[16], out[128];
-            snprintf(ranks, sizeof ranks, "%d", R);
-            temp_path(out, sizeof out, "drops.npy");
-            struct outcome o;
-            run_program(&o, NULL, 0, 0,
-                        (const char *[]){"run", SMALL, "--ranks", ranks, "--skew", "1",
-                                         "--capacity-factor", "0.8", "--drop-policy",
-                                         policies[p], "--output", out, NULL});
-            cr_assert_eq(o.status, 0, "%s R=%d: %s%s", policies[p], R, o.out, o.err);
-            cr_assert_not_null(strstr(o.out, "golden check: bitwise equal"));
-            cr_assert_not_null(strstr(o.out, "capacity: 20 assignments per expert"),
-                               "%s", o.out);
-            char *bytes = slurp(out);
-            if (!first)
-                first = bytes;
-            else {
-                cr_assert(memcmp(first, bytes, 128 + 100 * 64 * 4) == 0,
-                          "%s: R=%d output differs from R=1", policies[p], R);
-                free(bytes);
+        for (int x = 0; x < 3; x++)
+            for (int R = 1; R <= 8; R++) {
+                char ranks[16], out[128];
+                snprintf(ranks, sizeof ranks, "%d", R);
+                temp_path(out, sizeof out, "drops.npy");
+                struct outcome o;
+                run_program(&o, NULL, 0, 0,
+                            (const char *[]){"run", SMALL, "--ranks", ranks, "--skew", "1",
+                                             "--capacity-factor", "0.8", "--drop-policy",
+                                             policies[p], "--exchange", exchanges[x][0],
+                                             "--overlap", exchanges[x][1], "--output", out,
+                                             NULL});
+                cr_assert_eq(o.status, 0, "%s %s R=%d: %s%s", policies[p], exchanges[x][0],
+                             R, o.out, o.err);
+                cr_assert_not_null(strstr(o.out, "golden check: bitwise equal"));
+                cr_assert_not_null(strstr(o.out, "capacity: 20 assignments per expert"),
+                                   "%s", o.out);
+                char *bytes = slurp(out);
+                if (!first)
+                    first = bytes;
+                else {
+                    cr_assert(memcmp(first, bytes, 128 + 100 * 64 * 4) == 0,
+                              "%s: %s, overlap %s, R=%d: the output differs from the "
+                              "rings at R=1", policies[p], exchanges[x][0],
+                              exchanges[x][1], R);
+                    free(bytes);
+                }
+                unlink(out);
             }
-            unlink(out);
-        }
         free(first);
     }
 }
@@ -274,7 +283,7 @@ Test(imbalance, trace_has_a_track_per_rank, .timeout = 60)
     cJSON *events = cJSON_GetObjectItem(root, "traceEvents");
     cr_assert(cJSON_IsArray(events));
     const char *steps[] = {"route", "layout exchange", "dispatch", "compute", "combine"};
-    int seen[R][5] = {{0}}, names = 0, waits = 0;
+    int seen[R][5] = {{0}}, names = 0, waits = 0, expert_spans[R] = {0};
     cJSON *e;
     cJSON_ArrayForEach(e, events) {
         const char *ph = cJSON_GetObjectItem(e, "ph")->valuestring;
@@ -289,6 +298,8 @@ Test(imbalance, trace_has_a_track_per_rank, .timeout = 60)
         cr_assert_geq(cJSON_GetObjectItem(e, "ts")->valuedouble, 0);
         if (!strcmp(name, "wait"))
             waits++;
+        if (!strncmp(name, "expert ", 7))
+            expert_spans[tid]++;
         for (int i = 0; i < 5; i++)
             if (!strcmp(name, steps[i]))
                 seen[tid][i]++;
@@ -298,6 +309,12 @@ Test(imbalance, trace_has_a_track_per_rank, .timeout = 60)
     for (int r = 0; r < R; r++)
         for (int i = 0; i < 5; i++)
             cr_assert_eq(seen[r][i], 1, "rank %d step %s", r, steps[i]);
+    /* The direct exchange draws each expert's call: 8 experts on 3 ranks
+     * are 3, 3 and 2. */
+    const int owned[R] = {3, 3, 2};
+    for (int r = 0; r < R; r++)
+        cr_assert_eq(expert_spans[r], owned[r], "rank %d has %d expert spans", r,
+                     expert_spans[r]);
     cJSON_Delete(root);
     unlink(trace);
 }
