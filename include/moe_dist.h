@@ -170,6 +170,9 @@ struct moe_dist_input {
      * expert runs, instead of starting each expert when its rows are in.
      * The output is the same; this measures what the overlap gains. */
     int wait_all_rows;
+    /* OpenBLAS threads of each rank's expert calls, 1 when 0. The golden
+     * path must use the same count. */
+    int blas_threads;
 };
 
 /* One rank's state: its blocks of tokens and experts and its buffers, which

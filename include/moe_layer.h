@@ -12,8 +12,9 @@
  * tokens are in the call, except moe_expert_forward(), whose OpenBLAS GEMMs
  * depend on M. The distributed path therefore hands each expert exactly the
  * (M, H) matrix the golden path builds: the expert's rows in global token
- * order. OpenBLAS must run on one thread (moe_blas_init) in both paths,
- * because its bits also depend on the thread count.
+ * order. OpenBLAS must run on the same number of threads in both paths
+ * (moe_blas_set_threads), because its bits also depend on the thread
+ * count.
  */
 #ifndef MOE_LAYER_H
 #define MOE_LAYER_H
@@ -140,6 +141,19 @@ int moe_router_check(const struct moe_router *router, const struct moe_shape *sh
 /* Sets OpenBLAS to one thread. Call once per process before any expert GEMM;
  * the golden path and every rank must run with the same thread count. */
 void moe_blas_init(void);
+
+/* Sets OpenBLAS to `threads` threads (at least 1), only when the count
+ * differs: setting it starts a new thread pool. */
+void moe_blas_set_threads(int threads);
+
+/* Returns the cores this process may run on (sched_getaffinity), or the
+ * online cores when that fails. */
+int moe_cores_available(void);
+
+/* Returns the OpenBLAS threads per rank for `ranks` ranks on this
+ * machine: cores / ranks, at least 1, so that ranks x threads never
+ * exceeds the cores unless there are more ranks than cores. */
+int moe_blas_threads_auto(int ranks);
 
 /* Allocates `bytes` for a large buffer (activations, weights), 2 MiB
  * aligned and marked for transparent huge pages, which cuts the page faults

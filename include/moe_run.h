@@ -51,6 +51,7 @@ struct moe_run_options {
                                  (always so under mpi); 0: direct */
     int overlap;              /* --overlap off: 0, so the direct exchange
                                  waits for all rows before computing */
+    int threads;              /* --threads N, or 0 for moe_blas_threads_auto */
     int ranks_given;          /* --ranks was on the command line */
     /* Set by the MPI driver: this process loads only the experts that rank
      * slice_rank of slice_ranks owns. slice_ranks 0 loads all. */
@@ -129,6 +130,8 @@ struct moe_run_result {
     uint64_t wait_ns[MOE_MAX_RANKS][MOE_STEP_COUNT];
     int64_t forward_ns;   /* launch to last rank exit */
     int64_t golden_ns;
+    int blas_threads;     /* OpenBLAS threads of each rank and of the
+                             golden path */
     struct moe_compare check;
     const char *family;   /* model_type, or "random" */
     struct moe_router router;

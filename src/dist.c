@@ -665,7 +665,7 @@ int moe_dist_rank_new(const struct moe_dist_env *env, const struct moe_dist_inpu
         run->area_bytes > env->area_capacity)
         return moe_fail(-EPROTO, "rank %d: the run area does not match this "
                         "layer's shape", me);
-    moe_blas_init();
+    moe_blas_set_threads(in->blas_threads);
 
     struct moe_dist_rank *f = calloc(1, sizeof *f);
     if (!f)

@@ -274,6 +274,12 @@ void moe_run_print_report(FILE *out, const struct moe_run_result *r)
         fprintf(out, "; transport shm, ring %" PRIu64 " bytes x %d; timeout %g s; "
                 "%ld cores online\n", o->ring_bytes, o->ranks * o->ranks,
                 o->timeout_seconds, sysconf(_SC_NPROCESSORS_ONLN));
+    fprintf(out, "  OpenBLAS threads per rank: %d%s; exchange: %s\n", r->blas_threads,
+            o->threads ? " (--threads)" : " (cores / ranks, at least 1)",
+            o->transport == MOE_TRANSPORT_MPI ? "MPI messages"
+            : o->exchange_rings                ? "rows in the rings"
+            : o->overlap                       ? "direct, each expert starts when its rows are in"
+                                               : "direct, compute waits for all rows");
 
     print_layer(out, r);
     print_routing(out, r);

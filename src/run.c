@@ -116,6 +116,9 @@ void moe_run_usage(FILE *out)
         "                    always moves rows in MPI messages]\n"
         "  --overlap on|off  direct exchange: start each expert as soon as its\n"
         "                    rows are in (on), or wait for all rows (off) [on]\n"
+        "  --threads N       OpenBLAS threads of each rank and of the golden\n"
+        "                    check, 1 to 64 [cores / ranks, at least 1; 1 under\n"
+        "                    mpi]\n"
         "  --input FILE      .npy array (T, H) of tokens, float32, float16 or\n"
         "                    float64, used instead of random ones; sets T and H\n"
         "  --output FILE     write the layer output (T, H) as a float32 .npy file\n"
@@ -148,7 +151,8 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
             "--layer", "--dump", "--router", "--renormalize", "--scaling-factor",
             "--capacity-factor", "--min-capacity", "--expert-capacity", "--drop-policy",
             "--skew", "--steps", "--bias-update-rate", "--stats", "--trace",
-            "--transport", "--check", "--exchange", "--overlap", NULL,
+            "--transport", "--check", "--exchange", "--overlap",
+            "--threads", NULL,
         };
         const char *text;
         if ((rc = moe_next_option("run", known, argc, argv, &i, &text)))
@@ -171,6 +175,10 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
         } else if (!strcmp(flag, "--check")) {
             if ((rc = moe_parse_on_off(flag, text, &o->check)))
                 return rc;
+        } else if (!strcmp(flag, "--threads")) {
+            if ((rc = moe_parse_int64(flag, text, 1, 64, &v)))
+                return rc;
+            o->threads = (int)v;
         } else if (!strcmp(flag, "--overlap")) {
             if ((rc = moe_parse_on_off(flag, text, &o->overlap)))
                 return rc;
@@ -867,6 +875,9 @@ static int prepare_run(struct moe_run_result *result, struct moe_weights *weight
     result->aux_loss_coef = weights->aux_loss_coef;
     result->z_loss_coef = weights->z_loss_coef;
     moe_blas_init();
+    result->blas_threads = o->threads ? o->threads
+                           : o->transport == MOE_TRANSPORT_MPI ? 1
+                                                               : moe_blas_threads_auto(o->ranks);
 
     int64_t values = s->tokens * s->hidden, E = s->experts, R = o->ranks;
     result->stats_len = moe_router_stats_len(E);
@@ -895,6 +906,8 @@ static int finish_run(struct moe_run_result *result, const struct moe_weights *w
         return -ECANCELED;
     if (o->check) {
         moe_fault_inject("launcher", "golden");
+        /* The same thread count as the ranks, for the same bits. */
+        moe_blas_set_threads(result->blas_threads);
         int64_t start = moe_now_ns();
         if ((rc = golden_steps(result, weights, tokens)))
             return rc;
@@ -935,7 +948,8 @@ static int run_blocked(struct moe_run_result *result)
     struct moe_dist_input input = {.weights = &weights, .tokens = tokens,
                                    .seed = o->seed, .draw_tokens = !o->input_path,
                                    .bias_update_rate = (float)o->bias_update_rate,
-                                   .wait_all_rows = !o->overlap};
+                                   .wait_all_rows = !o->overlap,
+                                   .blas_threads = result->blas_threads};
     struct moe_launch_config config = {
         .ranks = o->ranks,
         .ring_capacity = o->ring_bytes,
@@ -1265,7 +1279,8 @@ int moe_run_mpi(const struct moe_run_options *options, struct moe_run_result *re
     memset(&slot, 0, sizeof slot);
     struct moe_dist_input input = {.weights = &weights, .tokens = tokens,
                                    .seed = o->seed, .draw_tokens = !o->input_path,
-                                   .bias_update_rate = (float)o->bias_update_rate};
+                                   .bias_update_rate = (float)o->bias_update_rate,
+                                   .blas_threads = result->blas_threads};
     struct moe_dist_env env = {.transport = &t, .area = area, .area_capacity = area_bytes,
                                .slot = &slot};
 

@@ -7,15 +7,18 @@
  * the gate gives logits with a spread of about 1, and the expert weights
  * are scaled by 1/sqrt(fan-in).
  */
+#define _GNU_SOURCE /* CPU_COUNT, sched_getaffinity */
 #include "moe_layer.h"
 #include "moe_error.h"
 
 #include <cblas.h>
 #include <errno.h>
+#include <sched.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 void moe_blas_init(void)
 {
@@ -25,6 +28,30 @@ void moe_blas_init(void)
      * from the rank with sched_yield. */
     if (openblas_get_num_threads() != 1)
         openblas_set_num_threads(1);
+}
+
+void moe_blas_set_threads(int threads)
+{
+    if (threads < 1)
+        threads = 1;
+    if (openblas_get_num_threads() != threads)
+        openblas_set_num_threads(threads);
+}
+
+int moe_cores_available(void)
+{
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+        return CPU_COUNT(&set);
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return online > 0 ? (int)online : 1;
+}
+
+int moe_blas_threads_auto(int ranks)
+{
+    int cores = moe_cores_available();
+    int threads = ranks > 0 ? cores / ranks : 1;
+    return threads < 1 ? 1 : threads;
 }
 
 void *moe_alloc_large(size_t bytes)

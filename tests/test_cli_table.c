@@ -62,6 +62,7 @@ static const struct flag_spec FLAGS[] = {
     {"run", "--check", WORD, 0, NULL},
     {"run", "--exchange", WORD, 0, NULL},
     {"run", "--overlap", WORD, 0, NULL},
+    {"run", "--threads", INTEGER, 0, "65"},
     {"run", "--input", INPUT, 0, NULL},
     {"run", "--output", OUTPUT, 0, NULL},
     {"run", "--dump", OUTPUT, 0, NULL},

@@ -2,6 +2,7 @@
  * test_imbalance.c - capacity, skew, bias balancing, the stats file and the
  * trace, end to end through the moe-ep program.
  */
+#include "moe_layer.h"
 #include "moe_npy.h"
 #include "test_program.h"
 
@@ -87,6 +88,30 @@ Test(imbalance, drops_are_bitwise_for_any_rank_count, .timeout = 180)
                 unlink(out);
             }
         free(first);
+    }
+}
+
+/* The ranks and the golden check run OpenBLAS on the same thread count:
+ * cores / ranks by default, or --threads, even when that oversubscribes
+ * the cores. Either way the output is bitwise equal to the golden path. */
+Test(imbalance, blas_threads_follow_the_cores, .timeout = 60)
+{
+    const char *cases[][2] = {{"1", NULL}, {"2", NULL}, {"2", "2"}, {"1", "1"}};
+    for (int i = 0; i < 4; i++) {
+        int ranks = atoi(cases[i][0]);
+        int expected = cases[i][1] ? atoi(cases[i][1]) : moe_blas_threads_auto(ranks);
+        struct outcome o;
+        run_program(&o, NULL, 0, 0,
+                    cases[i][1] ? (const char *[]){"run", SMALL, "--ranks", cases[i][0],
+                                                   "--threads", cases[i][1], NULL}
+                                : (const char *[]){"run", SMALL, "--ranks", cases[i][0],
+                                                   NULL});
+        cr_assert_eq(o.status, 0, "%s", o.err);
+        char line[64];
+        snprintf(line, sizeof line, "OpenBLAS threads per rank: %d", expected);
+        cr_assert_not_null(strstr(o.out, line), "ranks %d: expected '%s' in %s", ranks,
+                           line, o.out);
+        cr_assert_not_null(strstr(o.out, "golden check: bitwise equal"), "%s", o.out);
     }
 }
 
