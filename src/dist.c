@@ -201,6 +201,8 @@ struct moe_dist_rank {
                                 windows */
     int64_t *kept_columns;   /* (R x experts_max x R) scratch of the gather
                                 of kept counts, probs policy only */
+    int corrupt_note;        /* MOE_EP_CORRUPT_NOTE names this rank: its
+                                first note claims one row too many */
 };
 
 /* Appends a span to the trace and returns it, or NULL when the trace is
@@ -700,6 +702,9 @@ int moe_dist_rank_new(const struct moe_dist_env *env, const struct moe_dist_inpu
         f->expert_base = calloc((size_t)E, sizeof *f->expert_base);
         f->kept_columns = calloc((size_t)(experts_max * R * (R + 1) + 1),
                                  sizeof *f->kept_columns);
+        /* For tests of the owner's check of the notes. */
+        const char *corrupt = getenv("MOE_EP_CORRUPT_NOTE");
+        f->corrupt_note = corrupt && *corrupt && atoi(corrupt) == me;
     }
     const struct moe_weights *w = in->weights;
     if (f->experts > 0 && (w->expert_first > f->expert_first ||
@@ -1000,7 +1005,8 @@ static int push_rows(struct moe_dist_rank *f, const float *x)
             if (d == me)
                 continue;
             t->bytes_sent[t->step] += (uint64_t)rows * row_bytes;
-            int rc = moe_transport_notes_send(t, d, (uint64_t)rows);
+            int rc = moe_transport_notes_send(t, d, (uint64_t)rows + (uint64_t)f->corrupt_note);
+            f->corrupt_note = 0;
             if (rc)
                 return rc;
         }

@@ -179,6 +179,19 @@ Test(cli, stalled_rank_times_out_rings, .timeout = 60)
     expect_stall_timeout("rings", "timed out after 0.5 s in dispatch waiting for rank 1");
 }
 
+/* A peer whose note claims more rows than the layout gives is rejected by
+ * the owner, which names it, and the run fails with status 3. */
+Test(cli, wrong_note_is_rejected, .timeout = 60)
+{
+    struct outcome o;
+    run_program(&o, "MOE_EP_CORRUPT_NOTE=1", 0, 0,
+                (const char *[]){"run", SMALL, "--ranks", "3", NULL});
+    cr_assert_eq(o.status, 3, "stderr: %s", o.err);
+    cr_assert_not_null(strstr(o.err, "rank 2: rank 1 wrote "), "stderr: %s", o.err);
+    cr_assert_not_null(strstr(o.err, "but the layout says"), "stderr: %s", o.err);
+    cr_assert_eq(segment_count(), 0);
+}
+
 Test(cli, stalled_rank_times_out_direct, .timeout = 60)
 {
     expect_stall_timeout("direct", "timed out after 0.5 s in compute waiting for rank 1 "
