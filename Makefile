@@ -3,6 +3,8 @@
 #   make            build the library, the program and the tests into build/
 #   make run        install missing packages, build, and run the default layer
 #   make test       install missing packages, build, and run the test suite
+#   make examples   build the numbered programs of examples/ into
+#                   build/examples/ (make and make check build them too)
 #   make sanitize   build into build-san/ with ASan+UBSan and run the suite
 #   make bench      run the benchmark and rewrite docs/BENCHMARKS.md
 #   make bench-mpi  measure the forward and the all-to-all over MPI and on
@@ -32,6 +34,8 @@ LIB      := $(BUILD)/libmoe-ep.a
 BIN      := $(BUILD)/moe-ep
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+EXAMPLE_SRC := $(wildcard examples/*.c)
+EXAMPLE_BIN := $(EXAMPLE_SRC:examples/%.c=$(BUILD)/examples/%)
 
 # The MPI transport. Only the files in MPI_OBJ include mpi.h; with MPI=1
 # every binary links libmpi. $(BUILD)/mpi-config records the setting, so
@@ -48,8 +52,8 @@ endif
 MPI_OBJ  := $(BUILD)/obj/transport_mpi.o $(BUILD)/obj/bench_mpi.o
 MPI_TEST_BIN := $(BUILD)/tests/mpi/transport_check
 
-.PHONY: all deps run test check sanitize bench bench-mpi golden clean FORCE
-all: $(BIN) $(TEST_BIN) $(MPI_TEST_BIN)
+.PHONY: all deps run test check sanitize bench bench-mpi golden clean examples FORCE
+all: $(BIN) $(TEST_BIN) $(MPI_TEST_BIN) $(EXAMPLE_BIN)
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard include/*.h) | $(BUILD)/obj
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
@@ -74,7 +78,12 @@ $(BUILD)/mpi-config: FORCE | $(BUILD)/obj
 $(MPI_TEST_BIN): tests/mpi/transport_check.c $(LIB) | $(BUILD)/tests/mpi
 	$(CC) $(ALL_CFLAGS) $< $(LIB) $(LDLIBS) -o $@
 
-$(BUILD)/obj $(BUILD)/tests $(BUILD)/tests/mpi:
+examples: $(EXAMPLE_BIN)
+
+$(BUILD)/examples/%: examples/%.c $(LIB) | $(BUILD)/examples
+	$(CC) $(ALL_CFLAGS) $< $(LIB) $(LDLIBS) -o $@
+
+$(BUILD)/obj $(BUILD)/tests $(BUILD)/tests/mpi $(BUILD)/examples:
 	mkdir -p $@
 
 deps:
@@ -94,7 +103,8 @@ run: deps
 	$(BIN) run
 
 # Runs every test binary; Criterion prints a summary line for each.
-check: $(BIN) $(TEST_BIN) $(MPI_TEST_BIN)
+# tests/test_examples.c runs the examples.
+check: $(BIN) $(TEST_BIN) $(MPI_TEST_BIN) $(EXAMPLE_BIN)
 	tools/run-tests.sh $(BUILD)
 
 test: deps
