@@ -18,6 +18,7 @@
 #include "moe_file.h"
 #include "moe_model.h"
 #include "moe_npy.h"
+#include "moe_plot.h"
 #include "moe_transport.h"
 
 #include <errno.h>
@@ -105,6 +106,8 @@ void moe_run_usage(FILE *out)
         "  --stats FILE      write the report's figures as JSON\n"
         "  --trace FILE      write a Chrome trace (Perfetto, chrome://tracing) with a\n"
         "                    track per rank, its steps and its waits on peers\n"
+        "  --plot DIR        write traffic.svg, experts.svg and timeline.svg of the\n"
+        "                    last forward into DIR, created if missing\n"
         "  --transport T     shm (rank processes on this machine) or mpi (one\n"
         "                    rank per process of `mpirun -np R moe-ep run ...`,\n"
         "                    where --ranks is not used) [shm]\n"
@@ -151,7 +154,7 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
             "--layer", "--dump", "--router", "--renormalize", "--scaling-factor",
             "--capacity-factor", "--min-capacity", "--expert-capacity", "--drop-policy",
             "--skew", "--steps", "--bias-update-rate", "--stats", "--trace",
-            "--transport", "--check", "--exchange", "--overlap",
+            "--transport", "--check", "--plot", "--exchange", "--overlap",
             "--threads", NULL,
         };
         const char *text;
@@ -279,6 +282,8 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
                 return moe_fail(-EINVAL, "invalid %s value '': expected a file name",
                                 flag);
             *(!strcmp(flag, "--stats") ? &o->stats_path : &o->trace_path) = text;
+        } else if (!strcmp(flag, "--plot")) {
+            o->plot_dir = text; /* checked in prepare_run() */
         } else if (!strcmp(flag, "--ring-size")) {
             if ((rc = moe_parse_bytes(flag, text, MOE_RING_MIN_CAPACITY, 1ULL << 30,
                                       &o->ring_bytes)))
@@ -819,8 +824,24 @@ static int is_dump_file(const char *path, const char *dir)
     return 0;
 }
 
+/* Returns 1 when `path`, after following its symbolic links, names one of
+ * the files a --plot into `dir` writes. */
+static int is_plot_file(const char *path, const char *dir)
+{
+    char target[4096];
+    if (moe_resolve_output_path(path, target, sizeof target))
+        return 0;
+    char *slash = strrchr(target, '/');
+    if (!moe_plot_is_file_name(slash ? slash + 1 : target))
+        return 0;
+    if (!slash)
+        return same_file(".", dir);
+    *slash = '\0';
+    return same_file(target[0] ? target : "/", dir);
+}
+
 /* Rejects two flags that name the same file, and an output that a --dump
- * would overwrite, before anything runs. */
+ * or --plot would overwrite, before anything runs. */
 static int check_distinct_paths(const struct moe_run_options *o)
 {
     const char *flags[] = {"--input", "--output", "--stats", "--trace"};
@@ -836,6 +857,10 @@ static int check_distinct_paths(const struct moe_run_options *o)
                                      is_dump_file(paths[i], o->dump_dir)))
             return moe_fail(-EINVAL, "invalid %s '%s': --dump '%s' writes it",
                             flags[i], paths[i], o->dump_dir);
+        if (o->plot_dir && (same_file(paths[i], o->plot_dir) ||
+                            is_plot_file(paths[i], o->plot_dir)))
+            return moe_fail(-EINVAL, "invalid %s '%s': --plot '%s' writes it",
+                            flags[i], paths[i], o->plot_dir);
     }
     return 0;
 }
@@ -859,6 +884,8 @@ static int prepare_run(struct moe_run_result *result, struct moe_weights *weight
     if (o->trace_path && (rc = moe_check_output_path("--trace", o->trace_path)))
         return rc;
     if (o->dump_dir && (rc = moe_dump_check_dir(o->dump_dir, o->output_path)))
+        return rc;
+    if (o->plot_dir && (rc = moe_plot_check_dir(o->plot_dir)))
         return rc;
     if ((rc = check_distinct_paths(o)))
         return rc;
@@ -927,6 +954,8 @@ static int finish_run(struct moe_run_result *result, const struct moe_weights *w
         rc = moe_run_write_stats(o->stats_path, result);
     if (rc == 0 && o->trace_path)
         rc = moe_run_write_trace(o->trace_path, result);
+    if (rc == 0 && o->plot_dir)
+        rc = moe_plot_write(o->plot_dir, result);
     return rc;
 }
 
@@ -943,7 +972,7 @@ static int run_blocked(struct moe_run_result *result)
 
     /* Distributed forward. */
     struct moe_run_area_spec spec = {.dump = o->dump_dir != NULL, .steps = o->steps,
-                                     .trace = o->trace_path != NULL,
+                                     .trace = o->trace_path || o->plot_dir,
                                      .windows = !o->exchange_rings};
     struct moe_dist_input input = {.weights = &weights, .tokens = tokens,
                                    .seed = o->seed, .draw_tokens = !o->input_path,
@@ -1264,7 +1293,7 @@ int moe_run_mpi(const struct moe_run_options *options, struct moe_run_result *re
 
     const struct moe_shape *s = &o->shape;
     struct moe_run_area_spec spec = {.dump = o->dump_dir != NULL, .steps = o->steps,
-                                     .trace = o->trace_path != NULL};
+                                     .trace = o->trace_path || o->plot_dir};
     uint64_t area_bytes = moe_run_area_bytes(s, R, &spec);
     area = moe_alloc_large((size_t)area_bytes + 1);
     if (!area) {

@@ -63,6 +63,7 @@ static const struct flag_spec FLAGS[] = {
     {"run", "--exchange", WORD, 0, NULL},
     {"run", "--overlap", WORD, 0, NULL},
     {"run", "--threads", INTEGER, 0, "65"},
+    {"run", "--plot", OUTPUT, 0, NULL},
     {"run", "--input", INPUT, 0, NULL},
     {"run", "--output", OUTPUT, 0, NULL},
     {"run", "--dump", OUTPUT, 0, NULL},
