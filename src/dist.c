@@ -973,8 +973,11 @@ static void set_expert_base(struct moe_dist_rank *f, int64_t E)
 /* Dispatch of the direct exchange: writes each kept row straight into the
  * input window of its expert's owner, at the row the owner's golden order
  * gives it, and sends the owner a note with the row count after each
- * expert. This rank's own experts come first, then the next ranks up, so
- * that each owner can start on its first expert early. */
+ * expert. It goes round the owners once per expert index: the first
+ * expert of every owner, then the second, and so on, starting with the next
+ * rank up and ending with itself. So every owner gets the rows of its first
+ * expert from all sources early, and can start computing while the rest is
+ * written. */
 static int push_rows(struct moe_dist_rank *f, const float *x)
 {
     struct moe_transport *t = f->t;
@@ -991,17 +994,20 @@ static int push_rows(struct moe_dist_rank *f, const float *x)
         first_row[e] = row;
         row += f->kept_counts[me * E + e];
     }
-    for (int i = 0; i < R; i++) {
-        int d = (me + i) % R;
-        int64_t first, count;
-        moe_block_range(E, R, d, &first, &count);
-        float *window = window_of(f, d, 0);
-        for (int64_t e = first; e < first + count; e++) {
-            int64_t rows = f->kept_counts[me * E + e];
-            float *dst = window + (f->expert_base[e] + rows_before_source(f, E, e, me)) * H;
+    int64_t experts_max = (E + R - 1) / R;
+    for (int64_t j = 0; j < experts_max; j++)
+        for (int i = 1; i <= R; i++) {
+            int d = (me + i) % R;
+            int64_t first, count;
+            moe_block_range(E, R, d, &first, &count);
+            if (j >= count)
+                continue;
+            int64_t e = first + j, rows = f->kept_counts[me * E + e];
+            float *dst = window_of(f, d, 0) +
+                         (f->expert_base[e] + rows_before_source(f, E, e, me)) * H;
             const int64_t *slots = f->order + first_row[e];
-            for (int64_t j = 0; j < rows; j++)
-                memcpy(dst + j * H, x + (slots[j] / K) * H, row_bytes);
+            for (int64_t k = 0; k < rows; k++)
+                memcpy(dst + k * H, x + (slots[k] / K) * H, row_bytes);
             if (d == me)
                 continue;
             t->bytes_sent[t->step] += (uint64_t)rows * row_bytes;
@@ -1010,7 +1016,6 @@ static int push_rows(struct moe_dist_rank *f, const float *x)
             if (rc)
                 return rc;
         }
-    }
     return 0;
 }
 
