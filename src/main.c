@@ -8,6 +8,7 @@
 #include "moe_bench.h"
 #include "moe_diff.h"
 #include "moe_error.h"
+#include "moe_explain.h"
 #include "moe_launch.h"
 #include "moe_make_layer.h"
 #include "moe_run.h"
@@ -40,6 +41,8 @@ static void usage(FILE *out)
         "          stage, within a tolerance\n"
         "  clean   remove the shared-memory segments in /dev/shm that killed\n"
         "          launchers left behind; --dry-run only lists them\n"
+        "  explain run a tiny layer on 2 ranks and narrate each step of expert\n"
+        "          parallelism with the numbers of that run\n"
         "  help    show this text\n"
         "\n"
         "moe-ep COMMAND --help describes each command's options.\n");
@@ -193,12 +196,14 @@ int main(int argc, char **argv)
         return check_stdout(moe_compare_main(argc - 1, argv + 1));
     if (!strcmp(command, "clean"))
         return check_stdout(moe_clean_main(argc - 2, argv + 2));
+    if (!strcmp(command, "explain"))
+        return check_stdout(moe_explain_main(argc - 2, argv + 2));
     if (!strcmp(command, "help") || !strcmp(command, "-h") ||
         !strcmp(command, "--help")) {
         usage(stdout);
         return check_stdout(0);
     }
-    fprintf(stderr, "moe-ep: unknown command '%s'; expected run, bench, make-layer, compare, clean or help\n",
+    fprintf(stderr, "moe-ep: unknown command '%s'; expected run, bench, make-layer, compare, clean, explain or help\n",
             command);
     return EXIT_USAGE;
 }

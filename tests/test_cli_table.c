@@ -1,7 +1,7 @@
 /*
- * test_cli_table.c - every value flag of run, bench, make-layer and compare
- * rejects bad values with exit status 2 and a message that names the flag
- * and the value.
+ * test_cli_table.c - every value flag of run, bench, make-layer, compare and
+ * explain rejects bad values with exit status 2 and a message that names the
+ * flag and the value.
  *
  * The table lists each flag with its kind (integer, seed, number, byte
  * size, word, input or output path) and whether 0 is valid. Each kind has
@@ -58,12 +58,12 @@ static const struct flag_spec FLAGS[] = {
     {"run", "--bias-update-rate", NUMBER, 1, "1000.5"},
     {"run", "--stats", OUTPUT, 0, NULL},
     {"run", "--trace", OUTPUT, 0, NULL},
+    {"run", "--plot", OUTPUT, 0, NULL},
     {"run", "--transport", WORD, 0, NULL},
     {"run", "--check", WORD, 0, NULL},
     {"run", "--exchange", WORD, 0, NULL},
     {"run", "--overlap", WORD, 0, NULL},
     {"run", "--threads", INTEGER, 0, "65"},
-    {"run", "--plot", OUTPUT, 0, NULL},
     {"run", "--input", INPUT, 0, NULL},
     {"run", "--output", OUTPUT, 0, NULL},
     {"run", "--dump", OUTPUT, 0, NULL},
@@ -105,6 +105,13 @@ static const struct flag_spec FLAGS[] = {
 
     {"compare", "--rtol", TOLERANCE, 1, NULL},
     {"compare", "--atol", TOLERANCE, 1, NULL},
+
+    {"explain", "--step", INTEGER, 0, "11"},
+    {"explain", "--section", WORD, 0, NULL},
+    {"explain", "--seed", SEED, 1, "18446744073709551616"},
+    {"explain", "--skew", NUMBER, 1, "100.5"},
+    {"explain", "--capacity-factor", NUMBER, 1, "1000001"},
+    {"explain", "--exchange", WORD, 0, NULL},
 };
 #define FLAG_COUNT (sizeof FLAGS / sizeof FLAGS[0])
 
@@ -404,6 +411,10 @@ Test(cli_table, edge_values_accepted, .timeout = 120)
         {"make-layer", "--seed", "0", "--help", NULL},
         {"compare", "--rtol", "1e300", "--help", NULL},
         {"compare", "--atol", "0", "--help", NULL},
+        {"explain", "--step", "10", "--help", NULL},
+        {"explain", "--skew", "100", "--help", NULL},
+        {"explain", "--capacity-factor", "0", "--help", NULL},
+        {"explain", "--seed", "18446744073709551615", "--help", NULL},
     };
     for (size_t i = 0; i < sizeof accepted / sizeof accepted[0]; i++) {
         struct outcome o;
@@ -431,7 +442,7 @@ static void check_help_covered(const char *command)
     struct outcome o;
     run_program(&o, NULL, 0, 0, (const char *[]){command, "--help", NULL});
     cr_assert_eq(o.status, 0, "%s --help: %s", command, o.err);
-    static const char *const no_value[] = {"--help", "--quick", NULL};
+    static const char *const no_value[] = {"--help", "--quick", "--pause", NULL};
     int flags = 0;
     for (const char *line = o.out; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
         /* Option lines start with two spaces and "--" or "-h, --". */
@@ -466,4 +477,5 @@ Test(cli_table, table_covers_every_flag, .timeout = 60)
     check_help_covered("bench");
     check_help_covered("make-layer");
     check_help_covered("compare");
+    check_help_covered("explain");
 }
