@@ -5,6 +5,8 @@
 #   make test       install missing packages, build, and run the test suite
 #   make examples   build the numbered programs of examples/ into
 #                   build/examples/ (make and make check build them too)
+#   make walkthrough  rewrite docs/walkthrough.md from docs/walkthrough.md.in
+#                   with the output of the commands it names
 #   make sanitize   build into build-san/ with ASan+UBSan and run the suite
 #   make bench      run the benchmark and rewrite docs/BENCHMARKS.md
 #   make bench-mpi  measure the forward and the all-to-all over MPI and on
@@ -109,6 +111,12 @@ check: $(BIN) $(TEST_BIN) $(MPI_TEST_BIN) $(EXAMPLE_BIN)
 
 test: deps
 	$(MAKE) check
+
+# make check fails when docs/walkthrough.md differs from a fresh generation
+# (tests/walkthrough.sh, run by tools/run-tests.sh).
+.PHONY: walkthrough
+walkthrough: $(BIN) $(EXAMPLE_BIN)
+	sh tools/walkthrough.sh generate $(BUILD) docs/walkthrough.md.in docs/walkthrough.md
 
 sanitize: deps
 	ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/tools/lsan.supp \

@@ -1,9 +1,9 @@
 #!/bin/sh
-# Runs every Criterion test binary in BUILD_DIR/tests (default build) and
-# the MPI transport's tests (tests/mpi/run.sh, which prints its own
-# "N passed, N failed" and skips the mpirun jobs in a build with MPI=0),
-# then prints the totals as "N passed, N failed" and fails if any test
-# failed.
+# Runs every Criterion test binary in BUILD_DIR/tests (default build), the
+# MPI transport's tests (tests/mpi/run.sh, which skips the mpirun jobs in a
+# build with MPI=0) and the walkthrough check (tests/walkthrough.sh). Each
+# script prints its own "N passed, N failed" last. Then this prints the
+# totals in the same form and fails if any test failed.
 # Each multi-process test sets its own timeout; the whole binary also runs
 # under `timeout` so that a hang can never stall CI.
 set -u
@@ -35,24 +35,26 @@ for t in "$build"/tests/test_*; do
     for n in $f; do failed=$((failed + n)); done
 done
 
-echo "== tests/mpi/run.sh"
-if ! timeout --kill-after=10 600 sh "$(dirname "$0")/../tests/mpi/run.sh" "$build" \
-        >"$log" 2>&1; then
-    status=1
-    echo "FAILED: tests/mpi/run.sh"
-fi
-cat "$log"
-line=$(tail -n 1 "$log")
-p=$(echo "$line" | sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\1/p')
-f=$(echo "$line" | sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\2/p')
-if [ -z "$p" ]; then
-    echo "FAILED: tests/mpi/run.sh printed no summary"
-    status=1
-    failed=$((failed + 1))
-else
-    passed=$((passed + p))
-    failed=$((failed + f))
-fi
+for script in tests/mpi/run.sh tests/walkthrough.sh; do
+    echo "== $script"
+    if ! timeout --kill-after=10 600 sh "$(dirname "$0")/../$script" "$build" \
+            >"$log" 2>&1; then
+        status=1
+        echo "FAILED: $script"
+    fi
+    cat "$log"
+    line=$(tail -n 1 "$log")
+    p=$(echo "$line" | sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\1/p')
+    f=$(echo "$line" | sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\2/p')
+    if [ -z "$p" ]; then
+        echo "FAILED: $script printed no summary"
+        status=1
+        failed=$((failed + 1))
+    else
+        passed=$((passed + p))
+        failed=$((failed + f))
+    fi
+done
 rm -f "$log"
 after=$(ls /dev/shm | grep '^moe-ep-' || true)
 if [ "$before" != "$after" ]; then
