@@ -280,7 +280,8 @@ void moe_route(const struct moe_router *router, const float *score_bias,
 /* Floats of scratch that moe_expert_forward() needs for M rows. */
 int64_t moe_expert_scratch_floats(int64_t rows, int64_t ffn);
 
-/* Runs one SwiGLU expert on M rows with OpenBLAS:
+/* Runs one SwiGLU expert on M rows with OpenBLAS, or with the row kernel
+ * for M <= moe_expert_row_kernel_rows():
  *   y (M, H) = (silu(x . w1^T) * (x . w3^T)) . w2^T
  * x is (M, H), w1 and w3 are (F, H), w2 is (H, F), and scratch has room for
  * moe_expert_scratch_floats(M, F) floats. x, y and scratch must not
@@ -289,6 +290,11 @@ int64_t moe_expert_scratch_floats(int64_t rows, int64_t ffn);
 void moe_expert_forward(const float *x, int64_t rows, int64_t hidden,
                         int64_t ffn, const float *w1, const float *w3,
                         const float *w2, float *scratch, float *y);
+
+/* Returns the largest M that moe_expert_forward() and moe_expert_run()
+ * compute with the AVX2 row kernel of src/expert.c instead of sgemm, or 0
+ * when this CPU or build has no row kernel. */
+int64_t moe_expert_row_kernel_rows(void);
 
 /* The same expert with plain loops and no BLAS, to test the fast path. It
  * sums in a different order, so the two agree within a tolerance only. */

@@ -35,7 +35,7 @@ static void run_case(struct expert_case c)
      * rounding over H + F terms stays below 1e-5; 1e-4 absolute leaves a
      * margin while any wrong index or transposed matrix gives errors of
      * order 0.1. */
-    expect_close(fast, slow, M * H, 1e-4, 1e-4, "sgemm expert vs loop expert");
+    expect_close(fast, slow, M * H, 1e-4, 1e-4, "moe_expert_forward vs loop expert");
 
     free(x);
     free(w1);
@@ -56,6 +56,35 @@ Test(expert, sgemm_matches_loop_odd_shapes)
     run_case((struct expert_case){.rows = 1, .hidden = 7, .ffn = 13});
     run_case((struct expert_case){.rows = 33, .hidden = 129, .ffn = 67});
     run_case((struct expert_case){.rows = 5, .hidden = 256, .ffn = 704});
+}
+
+Test(expert, row_kernel_matches_loop)
+{
+    /* Calls of at most moe_expert_row_kernel_rows() rows take the row
+     * kernel on CPUs with AVX2 and FMA, and sgemm elsewhere: either way the
+     * loop expert checks them. H and F that are not multiples of 8 or 4
+     * reach the kernel's scalar tails and its single-row blocks; 17 rows
+     * is the first sgemm call after the kernel's limit. */
+    static const struct expert_case cases[] = {
+        {1, 1024, 1024}, {2, 64, 96}, {3, 37, 13}, {4, 8, 4}, {5, 100, 30},
+        {8, 1, 3}, {15, 72, 40}, {16, 33, 65}, {17, 64, 64},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        run_case(cases[i]);
+}
+
+Test(expert, row_kernel_limit)
+{
+    int64_t rows = moe_expert_row_kernel_rows();
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        cr_expect_eq(rows, 16, "this CPU has AVX2 and FMA, yet the row "
+                     "kernel takes %lld rows", (long long)rows);
+    else
+        cr_expect_eq(rows, 0);
+#else
+    cr_expect_eq(rows, 0);
+#endif
 }
 
 Test(expert, zero_rows_writes_nothing)
