@@ -11,6 +11,10 @@
 #   make bench      run the benchmark and rewrite docs/BENCHMARKS.md
 #   make bench-mpi  measure the forward and the all-to-all over MPI and on
 #                   the rings at 2 and 4 ranks, into docs/BENCHMARKS.md
+#   make bench-peers  install PyTorch and run `moe-ep bench --peers`, which
+#                   adds a PyTorch EP layer and Open MPI's MPI_Alltoallv
+#                   to the report; it prints the report and writes
+#                   $(BUILD)/bench-peers.md, not docs/BENCHMARKS.md
 #   make MPI=0 ...  build without the MPI transport (it is built when
 #                   Open MPI's mpicc is on the PATH)
 #   make golden     install PyTorch and recompute the reference outputs of
@@ -145,6 +149,14 @@ bench-mpi: deps
 	sed 's/^#/##/' $(BUILD)/bench-mpi-2.md $(BUILD)/bench-mpi-4.md \
 	    >>$(BUILD)/BENCHMARKS.md
 	mv $(BUILD)/BENCHMARKS.md docs/BENCHMARKS.md
+
+# bench/torch_ep.py runs under /usr/bin/python3, which has Debian's
+# python3-torch; mpirun comes with the default packages.
+.PHONY: bench-peers
+bench-peers: deps
+	tools/install-deps.sh python3-torch python3-numpy
+	$(MAKE) $(BIN)
+	$(BIN) bench --peers --markdown $(BUILD)/bench-peers.md
 
 clean:
 	rm -rf build build-san build-fuzz build-tsan

@@ -24,6 +24,14 @@ struct moe_bench_options {
                                    measures the forward and the all-to-all
                                    over MPI, then the shm figures beside
                                    them */
+    int peers;                  /* --peers: also time PyTorch and Open MPI */
+    const char *torch_script;   /* --torch-script, or NULL to search */
+    int alltoall_json;          /* --alltoall-json: under --transport mpi,
+                                   time only MPI_Alltoallv and print JSON
+                                   lines */
+    const char *program_path;   /* the moe-ep that --peers starts with
+                                   mpirun, or NULL for this executable; no
+                                   flag sets it, tests do */
 };
 
 void moe_bench_options_default(struct moe_bench_options *options);

@@ -29,6 +29,20 @@
 #define MOE_BENCH_MAX_FORWARDS 8
 #define MOE_BENCH_MAX_ALLTOALLS 16
 
+/* When the all-core read rate is measured: with the other floors, just
+ * before the decode forwards, and after the layer figures. A shared host
+ * can slow down any one of them. */
+enum moe_bench_read_point {
+    MOE_BENCH_READ_FLOORS = 0,
+    MOE_BENCH_READ_DECODE = 1,
+    MOE_BENCH_READ_AFTER = 2,
+    MOE_BENCH_READ_POINTS = 3,
+};
+
+/* Largest number of (ranks, tokens) pairs in the decode and scaling
+ * tables. */
+#define MOE_BENCH_MAX_SCALING 24
+
 /* Steps of a forward: route, layout exchange, dispatch, compute, combine. */
 #define MOE_BENCH_FORWARD_STEPS 5
 
@@ -59,6 +73,25 @@ struct moe_bench_alltoall {
     double best_gbps, median_gbps; /* R x (R - 1) x bytes_per_pair per call */
 };
 
+/* One row of the decode and scaling tables: a steady forward whose expert
+ * weights were evicted from the caches before every timed repeat. Times
+ * are in ms. */
+struct moe_bench_scaling {
+    int ranks;
+    int64_t tokens;                 /* T of the whole batch */
+    double best_ms, median_ms;      /* max over the ranks of the step sum */
+    double warm_best_ms;            /* the same without the eviction, or 0
+                                       when not measured */
+    double compute_ms, compute_wait_ms; /* the compute step of the best
+                                           forward and its wait on peers,
+                                           max over the ranks */
+    int64_t touched_experts;        /* experts given at least one row */
+    uint64_t touched_bytes;         /* their weights plus the gate */
+    uint64_t busiest_bytes;         /* of those, the most that one rank
+                                       reads: its touched experts and the
+                                       gate */
+};
+
 struct moe_bench_results {
     int cores; /* online cores, capped at MOE_MAX_RANKS */
 
@@ -76,12 +109,32 @@ struct moe_bench_results {
     uint64_t memcpy_bytes[MOE_BENCH_MEMCPY_SIZES];
     double memcpy_gbps[MOE_BENCH_MEMCPY_SIZES], memcpy_median_gbps[MOE_BENCH_MEMCPY_SIZES];
 
+    /* Streaming read from memory (bench_floor.c). */
+    uint64_t read_bytes;                              /* per pass, in all */
+    double read_one_gbps, read_one_median_gbps;       /* 1 process */
+    /* `cores` processes, at each enum moe_bench_read_point */
+    double read_procs_gbps[MOE_BENCH_READ_POINTS];
+    double read_procs_median_gbps[MOE_BENCH_READ_POINTS];
+    double read_machine_gbps; /* the highest of the all-core rates */
+    int cache_evicted;        /* 1 when this build can evict a buffer from
+                                 the caches (moe_bench_evict) */
+
     struct moe_bench_forward forward[MOE_BENCH_MAX_FORWARDS];
     int forward_count;
     struct moe_bench_alltoall alltoall[MOE_BENCH_MAX_ALLTOALLS];
     int alltoall_count;
     struct moe_bench_alltoall ring_sweep[MOE_BENCH_MAX_ALLTOALLS];
     int ring_sweep_count;
+    /* moe_alltoallv_direct at the sizes of the all-to-all table. */
+    struct moe_bench_alltoall direct[MOE_BENCH_MAX_ALLTOALLS];
+    int direct_count;
+
+    /* Decode and scaling forwards, each (ranks, tokens) once. */
+    struct moe_bench_scaling scaling[MOE_BENCH_MAX_SCALING];
+    int scaling_count;
+
+    /* The --peers figures (moe_bench_peers.h), or NULL. */
+    struct moe_bench_peers *peers;
 };
 
 /* ---- timing helpers (bench_floor.c) ------------------------------------ */
@@ -151,12 +204,60 @@ int moe_bench_measure_floors(const struct moe_bench_options *options,
 int moe_bench_measure_sgemm_again(const struct moe_bench_options *options,
                                   struct moe_bench_results *results);
 
+/* Measures the streaming-read floor: one process, then `cores` processes
+ * at once, each reading its own buffer from memory, as the
+ * MOE_BENCH_READ_FLOORS figure (bench_floor.c). */
+int moe_bench_measure_read(const struct moe_bench_options *options,
+                           struct moe_bench_results *results);
+
+/* Measures the all-core read rate once more as the figure of `point`, and
+ * sets the machine read rate to the highest all-core figure so far
+ * (bench_floor.c). */
+int moe_bench_measure_read_again(const struct moe_bench_options *options,
+                                 struct moe_bench_results *results,
+                                 enum moe_bench_read_point point);
+
+/* Evicts the cache lines of [p, p + bytes) from every cache level, so that
+ * the next read of them comes from memory (bench_floor.c). Returns 1, or 0
+ * when this build has no way to evict (x86's clflush is the only one it
+ * uses) and did nothing. */
+int moe_bench_evict(const void *p, uint64_t bytes);
+
+/* The decode figures: MOE_BENCH_DECODE_RANKS ranks, each with every count
+ * of tokens in MOE_BENCH_DECODE_TOKENS. */
+#define MOE_BENCH_DECODE_RANKS 2
+#define MOE_BENCH_DECODE_COUNTS 3
+extern const int64_t MOE_BENCH_DECODE_TOKENS[MOE_BENCH_DECODE_COUNTS];
+
+/* Measures the decode forwards and the scaling tables over tokens and over
+ * ranks, with the expert weights evicted before every timed forward
+ * (bench_layer.c). */
+int moe_bench_measure_scaling(const struct moe_bench_options *options,
+                              struct moe_bench_results *results);
+
+/* Finds the scaling row of `ranks` and `tokens`, or NULL. */
+const struct moe_bench_scaling *
+moe_bench_find_scaling(const struct moe_bench_results *results, int ranks,
+                       int64_t tokens);
+
+/* Returns the weight-stream floor of a row in ms: its touched bytes at the
+ * machine read rate. */
+double moe_bench_stream_floor_ms(const struct moe_bench_results *results,
+                                 const struct moe_bench_scaling *row);
+
+/* Returns the expert-GEMM floor of `tokens` tokens in ms: their expert
+ * FLOPs at the machine sgemm rate. */
+double moe_bench_gemm_floor_ms(const struct moe_bench_options *options,
+                               const struct moe_bench_results *results,
+                               int64_t tokens);
+
 /* Measures the forward at 1, 2, 4, 8 and --ranks ranks (bench_layer.c). */
 int moe_bench_measure_forward(const struct moe_bench_options *options,
                               struct moe_bench_results *results);
 
-/* Measures the all-to-all at 2 and 4 ranks, and at 2 ranks over several
- * ring sizes (bench_layer.c). */
+/* Measures the all-to-all at 2 and 4 ranks, on the rings and with
+ * moe_alltoallv_direct, and at 2 ranks over several ring sizes
+ * (bench_layer.c). */
 int moe_bench_measure_alltoall(const struct moe_bench_options *options,
                                struct moe_bench_results *results);
 
@@ -179,6 +280,10 @@ void moe_bench_print_forward(FILE *out, const struct moe_bench_options *options,
                              const struct moe_bench_results *results);
 void moe_bench_print_alltoall(FILE *out, const struct moe_bench_options *options,
                               const struct moe_bench_results *results);
+void moe_bench_print_decode(FILE *out, const struct moe_bench_options *options,
+                            const struct moe_bench_results *results);
+void moe_bench_print_scaling(FILE *out, const struct moe_bench_options *options,
+                             const struct moe_bench_results *results);
 
 /* Runs `moe-ep bench --transport mpi` in a process that mpirun started
  * (bench_mpi.c): the forward and all-to-all figures over MPI at mpirun's

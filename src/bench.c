@@ -13,6 +13,7 @@
  * them. The bench checks no layer output; `moe-ep run` and the tests do.
  */
 #include "moe_bench_internal.h"
+#include "moe_bench_peers.h"
 #include "moe_file.h"
 #include "moe_args.h"
 #include "moe_error.h"
@@ -36,8 +37,9 @@
 #define MAX_EXPERTS 4096
 
 /* Targets the report checks; see the header it prints for their meaning. */
-static const double FORWARD_TARGET_RATIO = 1.25;
-static const double ALLTOALL_TARGET_FRACTION = 0.5;
+static const double FORWARD_TARGET_RATIO = 1.1;
+static const double DECODE_TARGET_RATIO = 1.2;
+static const double ALLTOALL_TARGET_FRACTION = 0.7;
 static const uint64_t ALLTOALL_TARGET_BYTES = 1 << 20;
 
 void moe_bench_options_default(struct moe_bench_options *o)
@@ -59,10 +61,12 @@ void moe_bench_usage(FILE *out)
     fprintf(out,
         "usage: moe-ep bench [options]\n"
         "\n"
-        "Measures this machine's sgemm and memcpy rates, then the forward time\n"
-        "of one expert-parallel layer and the all-to-all bandwidth, and prints\n"
-        "each next to its floor as a Markdown report. It checks no output:\n"
-        "use moe-ep run for that. The defaults take about 30 s on 2 cores.\n"
+        "Measures this machine's sgemm, memcpy and memory read rates, then the\n"
+        "forward time of one expert-parallel layer (prefill, decode, and its\n"
+        "scaling over tokens and ranks) and the all-to-all bandwidth, and\n"
+        "prints each next to its floor as a Markdown report. It checks no\n"
+        "output: use moe-ep run for that. The defaults take about a minute\n"
+        "on 2 cores.\n"
         "\n"
         "options (defaults in brackets):\n"
         "  --ranks R         ranks of the main forward figure, 1 to %d; the\n"
@@ -84,9 +88,10 @@ void moe_bench_usage(FILE *out)
         "  --transport T     shm, or mpi to measure the forward and the\n"
         "                    all-to-all over MPI at the rank count of\n"
         "                    `mpirun -np R`, next to the same figures on\n"
-        "                    the rings and the expert-GEMM floor [shm]\n"
-        "  -h, --help        show this text\n",
+        "                    the rings and the expert-GEMM floor [shm]\n",
         MOE_MAX_RANKS, MOE_BENCH_MAX_REPEATS);
+    moe_bench_peers_usage(out);
+    fprintf(out, "  -h, --help        show this text\n");
 }
 
 /* Sets the --quick shape on every dimension the command line left alone. */
@@ -137,6 +142,11 @@ int moe_bench_parse(struct moe_bench_options *o, int argc, char **argv)
             return 1;
         if (!strcmp(flag, "--quick")) {
             o->quick = 1;
+            continue;
+        }
+        if ((rc = moe_bench_parse_peer_flag(o, argc, argv, &i)) != 0) {
+            if (rc < 0)
+                return rc;
             continue;
         }
         static const char *const known[] = {
@@ -199,6 +209,8 @@ int moe_bench_parse(struct moe_bench_options *o, int argc, char **argv)
     }
     if (o->quick)
         apply_quick_defaults(o, flag_given);
+    if ((rc = moe_bench_check_peer_flags(o)))
+        return rc;
     if (o->top_k > o->experts)
         return moe_fail(-EINVAL, "invalid --top-k value %" PRId64 ": it exceeds "
                         "--experts %" PRId64, o->top_k, o->experts);
@@ -226,6 +238,13 @@ static void print_header(FILE *out, const struct moe_bench_options *o)
         "rate of all cores on the layer's own GEMM shapes. It ignores routing, "
         "the exchanges and the combine, so no implementation reaches it. "
         "Target: the best steady forward <= %.2f x floor at %d ranks.\n"
+        "- **Decode** forward, %d ranks with %" PRId64 ", %" PRId64 " and "
+        "%" PRId64 " tokens each, against the *weight-stream floor*: the bytes "
+        "of the expert weights the forward touches, plus the gate, divided "
+        "by the read bandwidth of all cores from memory. Target: the best "
+        "forward <= %.2f x floor.\n"
+        "- **Scaling** of the forward over tokens and ranks, each row beside "
+        "the larger of its two floors.\n"
         "- **All-to-all** throughput against *memcpy* bandwidth at the same "
         "message size in one process. Target: >= %.0f%% of memcpy at 1 MiB "
         "per pair with 2 ranks.\n"
@@ -234,7 +253,9 @@ static void print_header(FILE *out, const struct moe_bench_options *o)
         "GB/s means 10^9 bytes per second and GFLOP/s 10^9 floating-point "
         "operations per second.\n\n",
         o->quick ? " --quick" : "", FORWARD_TARGET_RATIO, o->ranks,
-        100 * ALLTOALL_TARGET_FRACTION, o->repeats);
+        MOE_BENCH_DECODE_RANKS, MOE_BENCH_DECODE_TOKENS[0],
+        MOE_BENCH_DECODE_TOKENS[1], MOE_BENCH_DECODE_TOKENS[2],
+        DECODE_TARGET_RATIO, 100 * ALLTOALL_TARGET_FRACTION, o->repeats);
 }
 
 /* The machine as seen when the bench started. */
@@ -338,33 +359,85 @@ static const char *verdict(const struct moe_bench_options *o, int met)
     return met ? "met" : "missed";
 }
 
+/* Prints the prefill rows: the target at --ranks, and the rank counts
+ * above the cores, which show what sharing the cores costs. */
+static void print_prefill_targets(FILE *out, const struct moe_bench_options *o,
+                                  const struct moe_bench_results *res)
+{
+    for (int i = 0; i < res->forward_count; i++) {
+        const struct moe_bench_forward *f = &res->forward[i];
+        double ratio = f->steps_best_ms / res->floor_ms;
+        if (f->ranks == o->ranks)
+            fprintf(out, "| prefill: best steady forward, %d ranks, <= %.2f x "
+                    "expert-GEMM floor | %.2f x (%.1f ms / %.1f ms) | %s |\n",
+                    o->ranks, FORWARD_TARGET_RATIO, ratio, f->steps_best_ms,
+                    res->floor_ms, verdict(o, ratio <= FORWARD_TARGET_RATIO));
+        else if (f->ranks > res->cores)
+            fprintf(out, "| prefill at %d ranks, sharing %d cores: the same "
+                    "ratio, shown without a target | %.2f x (%.1f ms / %.1f "
+                    "ms) | - |\n", f->ranks, res->cores, ratio,
+                    f->steps_best_ms, res->floor_ms);
+    }
+}
+
+static void print_decode_targets(FILE *out, const struct moe_bench_options *o,
+                                 const struct moe_bench_results *res)
+{
+    for (int i = 0; i < MOE_BENCH_DECODE_COUNTS; i++) {
+        int64_t per_rank = MOE_BENCH_DECODE_TOKENS[i];
+        const struct moe_bench_scaling *r = moe_bench_find_scaling(
+            res, MOE_BENCH_DECODE_RANKS, MOE_BENCH_DECODE_RANKS * per_rank);
+        if (!r)
+            continue;
+        double floor_ms = moe_bench_stream_floor_ms(res, r);
+        double ratio = r->best_ms / floor_ms;
+        fprintf(out, "| decode: best forward, %d ranks, %" PRId64 " token%s "
+                "per rank, <= %.2f x weight-stream floor | %.2f x (%.2f ms / "
+                "%.2f ms); median %.2f x | %s |\n", MOE_BENCH_DECODE_RANKS,
+                per_rank, per_rank == 1 ? "" : "s", DECODE_TARGET_RATIO, ratio,
+                r->best_ms, floor_ms, r->median_ms / floor_ms,
+                verdict(o, ratio <= DECODE_TARGET_RATIO));
+    }
+}
+
+/* Prints the all-to-all row of `a`, a call named `call`. */
+static void print_alltoall_target(FILE *out, const struct moe_bench_options *o,
+                                  const struct moe_bench_results *res,
+                                  const struct moe_bench_alltoall *a,
+                                  const char *call)
+{
+    double memcpy_gbps = moe_bench_memcpy_gbps(res, ALLTOALL_TARGET_BYTES);
+    if (!a || memcpy_gbps <= 0)
+        return;
+    double fraction = a->best_gbps / memcpy_gbps;
+    fprintf(out, "| all-to-all, 2 ranks, 1 MiB per pair, %s, >= %.0f%% of "
+            "memcpy | %.0f%% (%.2f GB/s / %.2f GB/s) | %s |\n", call,
+            100 * ALLTOALL_TARGET_FRACTION, 100 * fraction, a->best_gbps,
+            memcpy_gbps, verdict(o, fraction >= ALLTOALL_TARGET_FRACTION));
+}
+
 static void print_targets(FILE *out, const struct moe_bench_options *o,
                           const struct moe_bench_results *res)
 {
     fprintf(out, "## Targets\n\n| target | measured | verdict |\n|---|---|---|\n");
-    for (int i = 0; i < res->forward_count; i++) {
-        const struct moe_bench_forward *f = &res->forward[i];
-        if (f->ranks != o->ranks)
-            continue;
-        double ratio = f->steps_best_ms / res->floor_ms;
-        fprintf(out, "| best steady forward, %d ranks, <= %.2f x expert-GEMM floor "
-                "| %.2f x (%.1f ms / %.1f ms) | %s |\n", o->ranks,
-                FORWARD_TARGET_RATIO, ratio, f->steps_best_ms, res->floor_ms,
-                verdict(o, ratio <= FORWARD_TARGET_RATIO));
-    }
+    print_prefill_targets(out, o, res);
+    print_decode_targets(out, o, res);
 
-    const struct moe_bench_alltoall *a = moe_bench_find_alltoall(
-        res, 2, ALLTOALL_TARGET_BYTES);
-    double memcpy_gbps = moe_bench_memcpy_gbps(res, ALLTOALL_TARGET_BYTES);
-    if (a && memcpy_gbps > 0) {
-        double fraction = a->best_gbps / memcpy_gbps;
-        fprintf(out, "| all-to-all, 2 ranks, 1 MiB per pair, rings of %"
-                PRIu64 " bytes, >= %.0f%% of memcpy | %.0f%% (%.2f GB/s / "
-                "%.2f GB/s) | %s |\n", o->ring_bytes,
-                100 * ALLTOALL_TARGET_FRACTION, 100 * fraction, a->best_gbps,
-                memcpy_gbps,
-                verdict(o, fraction >= ALLTOALL_TARGET_FRACTION));
-    }
+    char rings[96];
+    snprintf(rings, sizeof rings, "`moe_alltoallv` on rings of %" PRIu64
+             " bytes", o->ring_bytes);
+    print_alltoall_target(out, o, res,
+                          moe_bench_find_alltoall(res, 2, ALLTOALL_TARGET_BYTES),
+                          rings);
+    for (int i = 0; i < res->direct_count; i++)
+        if (res->direct[i].ranks == 2 && !res->direct[i].one_token &&
+            res->direct[i].bytes_per_pair == ALLTOALL_TARGET_BYTES)
+            print_alltoall_target(out, o, res, &res->direct[i],
+                                  "`moe_alltoallv_direct`");
+    fprintf(out, "| all-to-all against Open MPI's `MPI_Alltoallv`: throughput "
+            ">= 1.2 x at 4 KiB to 4 MiB per pair and 1-token latency <= "
+            "MPI's, at 2 and 4 ranks | in the Peers section, which `moe-ep "
+            "bench --peers` adds | see there |\n");
     fprintf(out, "\n");
 }
 
@@ -381,17 +454,26 @@ static int write_markdown(const char *path, const char *text, size_t bytes,
 }
 
 /* Runs every measurement in the order that keeps them apart: the floors,
- * the layer figures, and the all-core sgemm rate again at the end. */
+ * the layer figures, and the all-core sgemm and read rates again at the
+ * end. */
 static int measure_all(const struct moe_bench_options *o,
                        struct moe_bench_results *res)
 {
     int rc = moe_bench_measure_floors(o, res);
     if (rc == 0)
+        rc = moe_bench_measure_read(o, res);
+    if (rc == 0)
         rc = moe_bench_measure_forward(o, res);
+    if (rc == 0)
+        rc = moe_bench_measure_scaling(o, res);
     if (rc == 0)
         rc = moe_bench_measure_alltoall(o, res);
     if (rc == 0)
         rc = moe_bench_measure_sgemm_again(o, res);
+    if (rc == 0)
+        rc = moe_bench_measure_read_again(o, res, MOE_BENCH_READ_AFTER);
+    if (rc == 0 && o->peers)
+        rc = moe_bench_measure_peers(o, res);
     return rc;
 }
 
@@ -404,7 +486,10 @@ static void print_report(FILE *out, const struct moe_bench_options *o,
     print_machine(out, machine, res->cores);
     moe_bench_print_floors(out, o, res);
     moe_bench_print_forward(out, o, res);
+    moe_bench_print_decode(out, o, res);
+    moe_bench_print_scaling(out, o, res);
     moe_bench_print_alltoall(out, o, res);
+    moe_bench_print_peers(out, o, res);
 }
 
 int moe_bench(const struct moe_bench_options *o, FILE *out)
@@ -454,6 +539,7 @@ int moe_bench(const struct moe_bench_options *o, FILE *out)
     }
     print_report(report, o, &machine, res);
     fclose(report);
+    free(res->peers);
     free(res);
 
     fwrite(text, 1, bytes, out);

@@ -1,11 +1,12 @@
 /*
  * bench_floor.c - the floors of `moe-ep bench`: the sgemm rate on the
- * layer's expert GEMM shapes and the memcpy bandwidth, plus the timing
- * helpers every bench figure uses (moe_bench_internal.h states the rule).
+ * layer's expert GEMM shapes, the memcpy bandwidth and the streaming-read
+ * bandwidth from memory, plus the timing helpers every bench figure uses
+ * (moe_bench_internal.h states the rule).
  *
- * Runs in the launcher process. The all-core sgemm figure also forks one
- * process per core through moe_launch. OpenBLAS is left on one thread when
- * this file is done, as the layer requires.
+ * Runs in the launcher process. The all-core sgemm and read figures also
+ * fork one process per core through moe_launch. OpenBLAS is left on one
+ * thread when this file is done, as the layer requires.
  */
 #include "moe_bench_internal.h"
 #include "moe_error.h"
@@ -17,6 +18,12 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <emmintrin.h>
+#endif
 
 /* Cap on the calls of one loop, so that a mis-sized probe cannot run away. */
 static const int64_t MAX_CALLS_PER_LOOP = 1 << 22;
@@ -521,6 +528,268 @@ static void print_memcpy(FILE *out, const struct moe_bench_results *res)
     fprintf(out, "\n");
 }
 
+/* ---- streaming read ------------------------------------------------------ */
+
+int moe_bench_evict(const void *p, uint64_t bytes)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    /* clflush writes a line back if dirty and invalidates it in every cache
+     * of the coherence domain. CPUID leaf 1 gives the line size it flushes,
+     * in 8-byte units, in bits 8 to 15 of EBX. */
+    unsigned eax, ebx = 0, ecx, edx;
+    uintptr_t line_bytes = 64;
+    if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) && ((ebx >> 8) & 0xff) != 0)
+        line_bytes = ((ebx >> 8) & 0xff) * 8;
+    const char *line = (const char *)p - (uintptr_t)p % line_bytes;
+    const char *end = (const char *)p + bytes;
+    for (; line < end; line += line_bytes)
+        _mm_clflush(line);
+    _mm_mfence(); /* the flushes complete before any later load */
+    return 1;
+#else
+    (void)p;
+    (void)bytes;
+    return 0;
+#endif
+}
+
+/* Returns the bytes that each pass reads in all, split over the
+ * processes. The full figure exceeds the caches of most machines, and
+ * every pass is evicted first where the build can. */
+static uint64_t read_total_bytes(const struct moe_bench_options *o)
+{
+    return o->quick ? 64ULL << 20 : 256ULL << 20;
+}
+
+typedef uint64_t read_vector __attribute__((vector_size(16), may_alias));
+
+/* Reads `bytes` (a multiple of 64) at `p` once and returns the XOR of its
+ * 8-byte words, which the caller keeps so that the loads stay. Four
+ * accumulators keep the loads independent of each other. */
+static uint64_t read_pass(const void *p, uint64_t bytes)
+{
+    const read_vector *v = p;
+    read_vector a = {0, 0}, b = {0, 0}, c = {0, 0}, d = {0, 0};
+    for (uint64_t i = 0; i < bytes / sizeof *v; i += 4) {
+        a ^= v[i];
+        b ^= v[i + 1];
+        c ^= v[i + 2];
+        d ^= v[i + 3];
+    }
+    a ^= b ^ c ^ d;
+    return a[0] ^ a[1];
+}
+
+/* One process's buffer of the read figure. */
+struct read_state {
+    uint8_t *buffer;
+    uint64_t bytes;
+    uint64_t checksum; /* read_pass of every pass, kept so it is not dropped */
+    int evicted;       /* moe_bench_evict of the last pass */
+};
+
+static int read_state_init(struct read_state *r, uint64_t bytes)
+{
+    *r = (struct read_state){.bytes = bytes};
+    r->buffer = moe_alloc_large((size_t)bytes);
+    if (!r->buffer)
+        return moe_fail(-ENOMEM, "out of memory for a read buffer of %" PRIu64
+                        " bytes", bytes);
+    /* Faults every page in, so that no pass pays for it. */
+    memset(r->buffer, 0x5a, (size_t)bytes);
+    return 0;
+}
+
+/* Evicts the buffer, waits at the barrier of `comm` (when not NULL), then
+ * times one pass over the buffer into *pass_ns. Returns 0 or the
+ * barrier's error. */
+static int read_timed_pass(struct read_state *r, struct moe_comm *comm,
+                           int64_t *pass_ns)
+{
+    r->evicted = moe_bench_evict(r->buffer, r->bytes);
+    int rc = comm ? moe_barrier(comm) : 0;
+    if (rc)
+        return rc;
+    int64_t start = moe_now_ns();
+    r->checksum ^= read_pass(r->buffer, r->bytes);
+    *pass_ns = moe_now_ns() - start;
+    return 0;
+}
+
+static void read_state_free(struct read_state *r)
+{
+    /* Nothing else uses the checksum, so this keeps the reads. */
+    __asm__ __volatile__("" : : "r"(r->checksum));
+    free(r->buffer);
+}
+
+struct read_plan {
+    uint64_t bytes_per_process;
+    int repeats;
+};
+
+/* Rank entry point of the all-core read figure: `repeats` passes over its
+ * own buffer, each after an eviction and a barrier. */
+static int read_rank_main(struct moe_comm *comm, void *arg)
+{
+    const struct read_plan *plan = arg;
+    struct moe_bench_area *area = comm->app;
+    if (comm->segment->app_bytes < sizeof *area || area->magic != MOE_BENCH_AREA_MAGIC)
+        return moe_fail(-EPROTO, "rank %d: the bench area is missing", comm->rank);
+
+    struct read_state r;
+    int rc = read_state_init(&r, plan->bytes_per_process);
+    if (rc)
+        return rc;
+    if (comm->rank == 0)
+        area->calls[0] = 1;
+    for (int rep = 0; rep < plan->repeats && rc == 0; rep++)
+        rc = read_timed_pass(&r, comm, &area->loop_ns[0][rep][comm->rank]);
+    read_state_free(&r);
+    return rc;
+}
+
+/* Measures `cores` processes reading at once. *best and *median receive
+ * the rate of all of them, in GB/s. */
+static int read_processes(const struct moe_bench_options *o, int cores,
+                          double *best, double *median)
+{
+    struct read_plan plan = {
+        .bytes_per_process = read_total_bytes(o) / (uint64_t)cores / 64 * 64,
+        .repeats = o->repeats,
+    };
+    struct moe_launch launch;
+    struct moe_launch_config config = {
+        .ranks = cores,
+        .ring_capacity = 4096,
+        .app_bytes = sizeof(struct moe_bench_area),
+        .timeout_ns = 60LL * 1000 * 1000 * 1000,
+        .rank_main = read_rank_main,
+        .arg = &plan,
+    };
+    int rc = moe_launch_create(&launch, &config);
+    if (rc)
+        return rc;
+    struct moe_bench_area *area = moe_segment_app(launch.segment);
+    area->magic = MOE_BENCH_AREA_MAGIC;
+    rc = moe_bench_launch(&launch, "the all-core read figure");
+    if (rc == 0) {
+        double per_pass_ns[MOE_BENCH_MAX_REPEATS];
+        moe_bench_area_per_call(area, 0, cores, o->repeats, per_pass_ns);
+        double bytes = (double)plan.bytes_per_process * cores;
+        /* Bytes per ns are GB/s. */
+        *best = bytes / moe_bench_min(per_pass_ns, o->repeats);
+        *median = bytes / moe_bench_median(per_pass_ns, o->repeats);
+    }
+    moe_launch_destroy(&launch);
+    return rc;
+}
+
+static void set_read_machine(struct moe_bench_results *res)
+{
+    for (int i = 0; i < MOE_BENCH_READ_POINTS; i++)
+        if (res->read_procs_gbps[i] > res->read_machine_gbps)
+            res->read_machine_gbps = res->read_procs_gbps[i];
+}
+
+int moe_bench_measure_read(const struct moe_bench_options *o,
+                           struct moe_bench_results *res)
+{
+    res->read_bytes = read_total_bytes(o);
+    struct read_state r;
+    int rc = read_state_init(&r, res->read_bytes);
+    if (rc)
+        return rc;
+    double per_pass_ns[MOE_BENCH_MAX_REPEATS];
+    for (int rep = 0; rep < o->repeats; rep++) {
+        int64_t pass_ns;
+        read_timed_pass(&r, NULL, &pass_ns);
+        per_pass_ns[rep] = (double)pass_ns;
+    }
+    res->cache_evicted = r.evicted;
+    res->read_one_gbps = (double)r.bytes / moe_bench_min(per_pass_ns, o->repeats);
+    res->read_one_median_gbps = (double)r.bytes /
+                                moe_bench_median(per_pass_ns, o->repeats);
+    read_state_free(&r);
+
+    return moe_bench_measure_read_again(o, res, MOE_BENCH_READ_FLOORS);
+}
+
+int moe_bench_measure_read_again(const struct moe_bench_options *o,
+                                 struct moe_bench_results *res,
+                                 enum moe_bench_read_point point)
+{
+    int rc = read_processes(o, res->cores, &res->read_procs_gbps[point],
+                            &res->read_procs_median_gbps[point]);
+    set_read_machine(res);
+    return rc;
+}
+
+/* Formats the L3 cache size that the C library reports, or "unknown". */
+static void format_l3(char *buf, size_t size)
+{
+    long bytes = -1;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    if (bytes > 0)
+        moe_bench_format_bytes((uint64_t)bytes, buf, size);
+    else
+        snprintf(buf, size, "unknown");
+}
+
+static void print_read(FILE *out, const struct moe_bench_results *res)
+{
+    char total[32], each[32], l3[32];
+    moe_bench_format_bytes(res->read_bytes, total, sizeof total);
+    moe_bench_format_bytes(res->read_bytes / (uint64_t)res->cores / 64 * 64,
+                           each, sizeof each);
+    format_l3(l3, sizeof l3);
+    fprintf(out,
+        "### Streaming read\n\n"
+        "A process reads its own buffer once per pass, 16 bytes per load, and "
+        "the bandwidth counts the bytes read per second. The all-core figure "
+        "runs %d processes at once, each on %s of the %s in all; they start "
+        "each pass after a barrier, a pass's time is the slowest process's, "
+        "and the rate is the bytes of all of them over that time. ",
+        res->cores, each, total);
+    if (res->cache_evicted)
+        fprintf(out,
+            "Before every pass each process evicts its buffer from every "
+            "cache level with `clflush`, outside the timed part, so the pass "
+            "reads from memory. Size alone would not ensure that here: the C "
+            "library reports an L3 cache of %s.\n\n", l3);
+    else
+        fprintf(out,
+            "This build cannot evict a buffer from the caches (it does so "
+            "only on x86), so a pass reads from memory only as far as the "
+            "buffer exceeds the caches; the C library reports an L3 cache of "
+            "%s.\n\n", l3);
+    fprintf(out, "| setup | bytes per pass | best GB/s | median GB/s |\n"
+            "|---|---|---|---|\n");
+    static const char *const when[MOE_BENCH_READ_POINTS] = {
+        "", ", before the decode figures", ", after the layer figures",
+    };
+    fprintf(out, "| 1 process | %s | %.1f | %.1f |\n", total, res->read_one_gbps,
+            res->read_one_median_gbps);
+    for (int i = 0; i < MOE_BENCH_READ_POINTS; i++)
+        fprintf(out, "| %d processes%s | %s | %.1f | %.1f |\n", res->cores, when[i],
+                total, res->read_procs_gbps[i], res->read_procs_median_gbps[i]);
+    fprintf(out,
+        "\nThe machine read rate is the highest best all-core rate, **%.1f "
+        "GB/s**. The weight-stream floor of a forward is the bytes of the "
+        "expert weights it touches, plus the gate, at that rate.\n",
+        res->read_machine_gbps);
+    if (res->cores > 1 && res->read_machine_gbps < 1.2 * res->read_one_gbps)
+        fprintf(out, "\n**Warning:** %d cores read only %.2f times as fast as "
+                "one. Either one core already takes all the memory bandwidth "
+                "of this machine, or something else used the cores during "
+                "every all-core figure; in the second case the floor is too "
+                "high and every ratio to it too low.\n", res->cores,
+                res->read_machine_gbps / res->read_one_gbps);
+    fprintf(out, "\n");
+}
+
 int moe_bench_measure_floors(const struct moe_bench_options *o,
                              struct moe_bench_results *res)
 {
@@ -535,4 +804,5 @@ void moe_bench_print_floors(FILE *out, const struct moe_bench_options *o,
 {
     print_sgemm(out, o, res);
     print_memcpy(out, res);
+    print_read(out, res);
 }

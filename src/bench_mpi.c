@@ -21,6 +21,10 @@
  * processes do. It skips these figures when the job spans several hosts
  * or when that fails. Rank 0 then prints the report and writes --markdown.
  *
+ * With --alltoall-json the job times MPI_Alltoallv alone. After
+ * MPI_Finalize, rank 0 prints one JSON line per size in place of the report
+ * and the local figures, for `moe-ep bench --peers` (bench_peers.c).
+ *
  * A failure while MPI runs is written to stderr by the rank that failed,
  * which then ends the job with MPI_Abort, because returning would leave
  * the other ranks waiting in a collective. The bare MPI_Alltoallv calls
@@ -33,6 +37,7 @@
 #define _GNU_SOURCE /* sched_getaffinity, sched_setaffinity and CPU_COUNT */
 
 #include "moe_bench_internal.h"
+#include "moe_bench_peers.h"
 #include "moe_error.h"
 #include "moe_file.h"
 #include "moe_transport.h"
@@ -261,10 +266,10 @@ static int measure_case(struct alltoall_state *a, const struct moe_bench_options
     return 0;
 }
 
-/* Measures every size with both calls. rows has SIZE_COUNT x CALL_COUNT
- * entries, row i x CALL_COUNT + c for size i and call c. */
+/* Measures every size with the calls from `first` on. rows has SIZE_COUNT
+ * x CALL_COUNT entries, row i x CALL_COUNT + c for size i and call c. */
 static int measure_alltoall(struct moe_transport *t, const struct moe_bench_options *o,
-                            struct moe_bench_alltoall *rows)
+                            enum call first, struct moe_bench_alltoall *rows)
 {
     const uint64_t sizes[SIZE_COUNT] = {4 << 10, 64 << 10, 1 << 20, 4 << 20,
                                         (uint64_t)o->hidden * sizeof(float)};
@@ -301,7 +306,7 @@ static int measure_alltoall(struct moe_transport *t, const struct moe_bench_opti
                max_bytes);
 
     for (int i = 0; rc == 0 && i < SIZE_COUNT; i++)
-        for (int c = 0; rc == 0 && c < CALL_COUNT; c++) {
+        for (int c = first; rc == 0 && c < CALL_COUNT; c++) {
             a.call = (enum call)c;
             struct moe_bench_alltoall *row = &rows[i * CALL_COUNT + c];
             rc = measure_case(&a, o, sizes[i], max_bytes, row);
@@ -832,10 +837,12 @@ static int measure_over_mpi(struct moe_transport *t, const struct moe_bench_opti
                             struct moe_bench_alltoall *rows)
 {
     int rc = read_job(t, job);
-    if (rc == 0)
+    if (rc == 0 && !o->alltoall_json)
         rc = measure_forward(t, o, forward);
+    /* --alltoall-json times MPI_Alltoallv alone, the last call. */
     if (rc == 0)
-        rc = measure_alltoall(t, o, rows);
+        rc = measure_alltoall(t, o, o->alltoall_json ? CALL_BARE : CALL_TRANSPORT,
+                              rows);
     /* Rank 0 measures alone next, so the others must be done with MPI. */
     if (rc == 0)
         rc = moe_transport_barrier(t);
@@ -880,6 +887,12 @@ int moe_bench_mpi(const struct moe_bench_options *o, FILE *out)
     moe_transport_close(&t);
     if ((rc = moe_transport_mpi_finalize()) || me != 0)
         return rc;
+    if (o->alltoall_json) {
+        for (int i = 0; i < SIZE_COUNT; i++)
+            moe_bench_print_mpi_json(out, &rows[i * CALL_COUNT + CALL_BARE],
+                                     job.library);
+        return 0;
+    }
 
     struct local_figures *local = calloc(1, sizeof *local);
     if (!local)

@@ -80,6 +80,7 @@ static const struct flag_spec FLAGS[] = {
     {"bench", "--ring-size", BYTES, 0, "2G"},
     {"bench", "--markdown", OUTPUT, 0, NULL},
     {"bench", "--transport", WORD, 0, NULL},
+    {"bench", "--torch-script", INPUT, 0, NULL},
 
     {"make-layer", "--family", WORD, 0, NULL},
     {"make-layer", "--preset", WORD, 0, NULL},
@@ -342,6 +343,13 @@ Test(cli_table, cross_checks_exit_2, .timeout = 120, .init = make_scratch,
         {{"bench", "--quick", "--experts", "2", "--top-k", "3", NULL},
          "invalid --top-k value 3: it exceeds --experts 2"},
         {{"bench", "--markdown", "/tmp", NULL}, "'/tmp'"},
+        {{"bench", "--alltoall-json", NULL},
+         "invalid --alltoall-json without --transport mpi"},
+        {{"bench", "--peers", "--transport", "mpi", NULL},
+         "invalid --peers with --transport mpi"},
+        {{"bench", "--transport", "mpi", "--alltoall-json", "--markdown", fresh, NULL},
+         "invalid --markdown with --alltoall-json"},
+        {{"bench", "--torch-script", a, NULL}, "invalid --torch-script without --peers"},
         {{"make-layer", "--family", "mixtral", "--experts", "4", "--top-k", "5",
           "--out", layer, NULL}, "5"},
         {{"make-layer", "--family", "deepseek_v3", "--groups", "3", "--out", layer, NULL},
@@ -442,7 +450,8 @@ static void check_help_covered(const char *command)
     struct outcome o;
     run_program(&o, NULL, 0, 0, (const char *[]){command, "--help", NULL});
     cr_assert_eq(o.status, 0, "%s --help: %s", command, o.err);
-    static const char *const no_value[] = {"--help", "--quick", "--pause", NULL};
+    static const char *const no_value[] = {"--help", "--quick", "--peers",
+                                           "--alltoall-json", "--pause", NULL};
     int flags = 0;
     for (const char *line = o.out; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
         /* Option lines start with two spaces and "--" or "-h, --". */
