@@ -85,8 +85,16 @@ void moe_explain_print_skew(FILE *out, const struct moe_explain_run *plain,
     for (int r = 0; r < R; r++)
         fprintf(out, "  rows computed, rank %d   %12" PRId64 "   %13" PRId64 "\n", r,
                 plain_rows[r], skewed_rows[r]);
-    fprintf(out, "  imbalance (max/mean)    %12.3f   %13.3f\n",
-            moe_run_imbalance(plain_rows, R), moe_run_imbalance(skewed_rows, R));
+    double plain_imbalance = moe_run_imbalance(plain_rows, R);
+    double skewed_imbalance = moe_run_imbalance(skewed_rows, R);
+    fprintf(out, "  imbalance (max/mean)    %12.3f   %13.3f\n", plain_imbalance,
+            skewed_imbalance);
+    if (skewed_imbalance <= plain_imbalance)
+        fprintf(out, "With only %" PRId64 " tokens the plain router is not balanced "
+                "either, and here the skew\nmoves rows toward the rank that had "
+                "fewer, so the skewed router is not the worse one.\nTry another "
+                "--seed, or moe-ep run --skew 2 on the default layer.\n",
+                plain->weights.shape.tokens);
 
     fprintf(out,
             "\nMeasured: each router ran %" PRId64 " forwards of this batch. The medians "

@@ -275,7 +275,9 @@ void moe_run_print_report(FILE *out, const struct moe_run_result *r)
                 "%ld cores online\n", o->ring_bytes, o->ranks * o->ranks,
                 o->timeout_seconds, sysconf(_SC_NPROCESSORS_ONLN));
     fprintf(out, "  OpenBLAS threads per rank: %d%s; exchange: %s\n", r->blas_threads,
-            o->threads ? " (--threads)" : " (cores / ranks, at least 1)",
+            o->threads                            ? " (--threads)"
+            : o->transport == MOE_TRANSPORT_MPI   ? " (1 under mpi unless --threads)"
+                                                  : " (cores / ranks, at least 1)",
             o->transport == MOE_TRANSPORT_MPI ? "MPI messages"
             : o->exchange_rings                ? "rows in the rings"
             : o->overlap                       ? "direct, each expert starts when its rows are in"
@@ -296,6 +298,17 @@ void moe_run_print_report(FILE *out, const struct moe_run_result *r)
                     o->trace_path);
     if (o->dump_dir)
         print_stage_checks(out, r);
+    if (o->output_path || o->stats_path || o->trace_path || o->plot_dir)
+        fprintf(out, "\n");
+    if (o->output_path)
+        fprintf(out, "output written to %s\n", o->output_path);
+    if (o->stats_path)
+        fprintf(out, "stats written to %s\n", o->stats_path);
+    if (o->trace_path)
+        fprintf(out, "trace written to %s\n", o->trace_path);
+    if (o->plot_dir)
+        fprintf(out, "pictures written to %s: traffic.svg, experts.svg, timeline.svg\n",
+                o->plot_dir);
 
     if (r->routing_mismatch_step >= 0)
         fprintf(out, "\ngolden check: MISMATCH in the routing stats or drops of "

@@ -309,6 +309,9 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
     if (o->transport == MOE_TRANSPORT_MPI && o->ranks_given)
         return moe_fail(-EINVAL, "invalid --ranks with --transport mpi: mpirun -np "
                         "sets the rank count");
+    if (o->exchange_rings && !o->overlap)
+        return moe_fail(-EINVAL, "invalid --overlap off with --exchange rings: only the "
+                        "direct exchange starts experts before all rows are in");
     if (o->dump_dir && !o->check)
         return moe_fail(-EINVAL, "--dump cannot be used with --check off: the dump "
                         "checks every stage against the golden path");
