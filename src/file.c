@@ -148,12 +148,39 @@ int moe_write_file(const char *path, const struct moe_file_part *parts,
 {
     if (path[0] == '\0')
         return moe_fail(-EINVAL, "invalid file name '': expected a path");
+    /* A descriptor of this process, such as /dev/stdout: write through the
+     * descriptor itself, after what stdio holds for it, so that nothing
+     * written to it before or after is replaced or overwritten. */
+    int own_fd = -1;
+    if (!strcmp(path, "/dev/stdout"))
+        own_fd = 1;
+    else if (!strcmp(path, "/dev/stderr"))
+        own_fd = 2;
+    else if (!strncmp(path, "/dev/fd/", 8) || !strncmp(path, "/proc/self/fd/", 14)) {
+        const char *digits = path + (path[1] == 'd' ? 8 : 14);
+        char *end = NULL;
+        long n = strtol(digits, &end, 10);
+        if (end != digits && *end == '\0' && n >= 0 && n < 1024 && fcntl((int)n, F_GETFD) >= 0)
+            own_fd = (int)n;
+    }
+    if (own_fd >= 0) {
+        fflush(stdout);
+        fflush(stderr);
+        int rc = write_all(own_fd, parts, count);
+        if (rc)
+            return moe_fail(rc, "%s: write failed: %s", path, strerror(-rc));
+        return 0;
+    }
+
+    /* A pipe, FIFO or device reached through a link: write into it. */
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode))
+        return write_direct(path, parts, count);
+
     char target[PATH_MAX];
     int rc = moe_resolve_output_path(path, target, sizeof target);
     if (rc)
         return rc;
-
-    struct stat st;
     if (stat(target, &st) == 0) {
         if (S_ISDIR(st.st_mode))
             return moe_fail(-EINVAL, "%s: is a directory", path);

@@ -115,6 +115,18 @@ Test(imbalance, blas_threads_follow_the_cores, .timeout = 60)
     }
 }
 
+/* --stats into /dev/stdout, a pipe here, writes the JSON into the pipe
+ * after the report instead of failing on a temporary file beside it. */
+Test(imbalance, stats_to_stdout_pipe, .timeout = 60)
+{
+    struct outcome o;
+    run_program(&o, NULL, 0, 0,
+                (const char *[]){"run", SMALL, "--stats", "/dev/stdout", NULL});
+    cr_assert_eq(o.status, 0, "%s", o.err);
+    cr_assert_not_null(strstr(o.out, "golden check: bitwise equal"), "%s", o.out);
+    cr_assert_not_null(strstr(o.out, "\"transport\""), "no JSON in: %s", o.out);
+}
+
 /* A factor of 0 means dropless: the same bytes as no flag at all. */
 Test(imbalance, factor_zero_is_dropless, .timeout = 60)
 {
