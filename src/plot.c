@@ -675,6 +675,10 @@ int moe_plot_check_dir(const char *dir)
         if (stat(file, &st) == 0 && S_ISDIR(st.st_mode))
             return moe_fail(-EINVAL, "invalid --plot directory '%s': '%s' is a "
                             "directory, so the picture cannot be written there", dir, file);
+        if (stat(file, &st) == 0 && !S_ISREG(st.st_mode))
+            return moe_fail(-EINVAL, "invalid --plot directory '%s': '%s' is not a "
+                            "regular file, such as a FIFO, so the picture would be "
+                            "written into it; remove it first", dir, file);
     }
     return 0;
 }

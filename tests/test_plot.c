@@ -846,6 +846,12 @@ Test(plot, bad_directories_exit_2, .timeout = 60)
                        (const char *[]){"--plot", quoted, "is a directory", NULL});
     cr_assert_eq(rmdir(inside), 0);
 
+    /* Nor can a FIFO, which the run would block on or write into. */
+    cr_assert_eq(mkfifo(inside, 0600), 0);
+    expect_usage_error((const char *[]){"run", SMALL, "--plot", dir, NULL},
+                       (const char *[]){"--plot", quoted, "not a regular file", NULL});
+    cr_assert_eq(unlink(inside), 0);
+
     /* Another output flag must not name a plot file or the directory. */
     snprintf(inside, sizeof inside, "%s/traffic.svg", dir);
     expect_usage_error((const char *[]){"run", SMALL, "--plot", dir, "--stats", inside, NULL},
