@@ -469,9 +469,24 @@ void moe_fault_inject(const char *who, const char *step)
         return;
     if (strcmp(fault_who, who) || strcmp(fault_step, step))
         return;
-    if (!strcmp(action, "stall"))
+    if (!strcmp(action, "stall")) {
+        /* The launcher holds off its stop signals and handles them between
+         * steps, which a stalled launcher never reaches. Let them end it as
+         * they would end any process. */
+        if (!strcmp(who, "launcher")) {
+            sigset_t stops;
+            sigemptyset(&stops);
+            sigaddset(&stops, SIGINT);
+            sigaddset(&stops, SIGTERM);
+            sigaddset(&stops, SIGHUP);
+            signal(SIGINT, SIG_DFL);
+            signal(SIGTERM, SIG_DFL);
+            signal(SIGHUP, SIG_DFL);
+            sigprocmask(SIG_UNBLOCK, &stops, NULL);
+        }
         for (;;)
             pause();
+    }
     if (!strcmp(action, "kill"))
         raise(SIGKILL);
     if (!strcmp(action, "segv"))
