@@ -704,7 +704,9 @@ int moe_dist_rank_new(const struct moe_dist_env *env, const struct moe_dist_inpu
                                  sizeof *f->kept_columns);
         /* For tests of the owner's check of the notes. */
         const char *corrupt = getenv("MOE_EP_CORRUPT_NOTE");
-        f->corrupt_note = corrupt && *corrupt && atoi(corrupt) == me;
+        char *end = NULL;
+        long target = corrupt && *corrupt ? strtol(corrupt, &end, 10) : -1;
+        f->corrupt_note = end && *end == '\0' && target == me;
     }
     const struct moe_weights *w = in->weights;
     if (f->experts > 0 && (w->expert_first > f->expert_first ||
