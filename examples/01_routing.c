@@ -28,8 +28,13 @@ static void print_row(const char *label, const float *values, int count)
     printf("\n");
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 1) {
+        fprintf(stderr, "%s: invalid argument '%s': this example takes none\n", argv[0],
+                argv[1]);
+        return 2;
+    }
     struct moe_shape shape = {.tokens = TOKENS, .hidden = HIDDEN, .ffn = FFN,
                               .experts = EXPERTS, .top_k = TOP_K};
     struct moe_weights layer;

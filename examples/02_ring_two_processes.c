@@ -105,8 +105,13 @@ static int run_side(int side, int fd, uint64_t segment_bytes)
     return 1;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 1) {
+        fprintf(stderr, "%s: invalid argument '%s': this example takes none\n", argv[0],
+                argv[1]);
+        return 2;
+    }
     struct moe_segment_header layout;
     moe_segment_layout(&layout, 2, RING_BYTES, 2 * sizeof(struct side_report));
     uint64_t nonce = 0;

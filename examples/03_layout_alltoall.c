@@ -110,8 +110,13 @@ static int rank_main(struct moe_comm *comm, void *arg)
     return 0;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 1) {
+        fprintf(stderr, "%s: invalid argument '%s': this example takes none\n", argv[0],
+                argv[1]);
+        return 2;
+    }
     struct moe_shape shape = {.tokens = TOKENS, .hidden = HIDDEN, .ffn = FFN,
                               .experts = EXPERTS, .top_k = TOP_K};
     if (moe_weights_init_random(&layer, &shape, SEED)) {

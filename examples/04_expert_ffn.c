@@ -50,8 +50,13 @@ static void expert_by_loops(const float *x, const float *w1, const float *w3,
     }
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 1) {
+        fprintf(stderr, "%s: invalid argument '%s': this example takes none\n", argv[0],
+                argv[1]);
+        return 2;
+    }
     moe_blas_init(); /* one OpenBLAS thread, as every moe-ep process uses */
     struct moe_shape shape = {.tokens = ROWS, .hidden = HIDDEN, .ffn = FFN,
                               .experts = 1, .top_k = 1};

@@ -22,8 +22,13 @@
 enum { TOKENS = 16, HIDDEN = 8, FFN = 16, EXPERTS = 6, TOP_K = 3 };
 #define SEED 5
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 1) {
+        fprintf(stderr, "%s: invalid argument '%s': this example takes none\n", argv[0],
+                argv[1]);
+        return 2;
+    }
     moe_blas_init();
     struct moe_shape shape = {.tokens = TOKENS, .hidden = HIDDEN, .ffn = FFN,
                               .experts = EXPERTS, .top_k = TOP_K};

@@ -73,8 +73,13 @@ static int run_layer(double skew)
     return equal ? 0 : 1;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 1) {
+        fprintf(stderr, "%s: invalid argument '%s': this example takes none\n", argv[0],
+                argv[1]);
+        return 2;
+    }
     moe_blas_init();
     printf("07_imbalance_stall: ranks %d, tokens %d, hidden %d, ffn %d, experts %d, "
            "top-k %d\n", RANKS, TOKENS, HIDDEN, FFN, EXPERTS, TOP_K);

@@ -25,8 +25,13 @@ enum { RANKS = 2, TOKENS = 8, HIDDEN = 8, FFN = 8, EXPERTS = 4, TOP_K = 2 };
 #define SEED 4
 #define CAPACITY_FACTOR 0.75
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 1) {
+        fprintf(stderr, "%s: invalid argument '%s': this example takes none\n", argv[0],
+                argv[1]);
+        return 2;
+    }
     moe_blas_init();
     struct moe_shape shape = {.tokens = TOKENS, .hidden = HIDDEN, .ffn = FFN,
                               .experts = EXPERTS, .top_k = TOP_K};

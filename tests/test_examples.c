@@ -635,3 +635,19 @@ Test(examples, load_layer_catches_changed_reference, .timeout = TEST_TIMEOUT_S)
     cr_assert_not_null(strstr(o.err, "invalid DIR '/nonexistent/layer'"), "%s", o.err);
     remove_tree(dir);
 }
+
+/* The examples that take no argument reject one with status 2. */
+Test(examples, extra_argument_exits_2, .timeout = TEST_TIMEOUT_S)
+{
+    static const char *const names[] = {
+        "01_routing", "02_ring_two_processes", "03_layout_alltoall", "04_expert_ffn",
+        "05_combine", "07_imbalance_stall", "08_capacity_dropping",
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        struct outcome o;
+        run_example(&o, names[i], (const char *const[]){"--bogus", NULL});
+        cr_expect_eq(o.status, 2, "%s --bogus: status %d", names[i], o.status);
+        cr_expect_not_null(strstr(o.err, "invalid argument '--bogus'"), "%s: %s", names[i],
+                           o.err);
+    }
+}
