@@ -121,6 +121,10 @@ struct moe_bench_results {
 
     struct moe_bench_forward forward[MOE_BENCH_MAX_FORWARDS];
     int forward_count;
+    /* The steady forward at --ranks with --overlap off, and with
+     * --exchange rings, for comparison with the default. */
+    struct moe_bench_forward overlap_off;
+    struct moe_bench_forward rings;
     struct moe_bench_alltoall alltoall[MOE_BENCH_MAX_ALLTOALLS];
     int alltoall_count;
     struct moe_bench_alltoall ring_sweep[MOE_BENCH_MAX_ALLTOALLS];

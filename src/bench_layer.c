@@ -40,8 +40,9 @@ static const int FORWARD_STEPS[] = {MOE_STEP_ROUTE, MOE_STEP_LAYOUT,
 enum { FORWARD_STEP_COUNT = sizeof FORWARD_STEPS / sizeof FORWARD_STEPS[0] };
 static_assert(FORWARD_STEP_COUNT == MOE_BENCH_FORWARD_STEPS,
               "the forward table has a column per step");
-/* The index of MOE_STEP_COMPUTE in FORWARD_STEPS. */
-enum { COMPUTE_COLUMN = 3 };
+/* The indexes of MOE_STEP_DISPATCH, MOE_STEP_COMPUTE and MOE_STEP_COMBINE
+ * in FORWARD_STEPS. */
+enum { DISPATCH_COLUMN = 2, COMPUTE_COLUMN = 3, COMBINE_COLUMN = 4 };
 
 /* Returns the rows that the busiest rank computed, from the (R, E) counts. */
 static int64_t busiest_rows(const int64_t *counts, int ranks, int64_t experts)
@@ -73,6 +74,7 @@ struct forward_mode {
     int evict; /* evict the rank's expert weights and the gate from the
                   caches before each timed forward */
     int warm;  /* then time `repeats` forwards more without eviction */
+    int rings; /* send the rows through the rings, not the direct exchange */
 };
 
 /* Inputs of every rank of a steady-state forward launch. */
@@ -233,7 +235,7 @@ static int forward_steady(const struct moe_bench_options *o,
 {
     const struct moe_shape *s = &input->weights->shape;
     /* As moe-ep run: the direct exchange, and cores / ranks threads. */
-    struct moe_run_area_spec spec = {.steps = 1, .windows = 1};
+    struct moe_run_area_spec spec = {.steps = 1, .windows = !mode->rings};
     struct moe_dist_input threaded = *input;
     threaded.blas_threads = moe_blas_threads_auto(ranks);
     uint64_t run_bytes = moe_run_area_bytes(s, ranks, &spec);
@@ -432,6 +434,32 @@ void moe_bench_print_forward(FILE *out, const struct moe_bench_options *o,
                          (double)o->ffn / res->sgemm_one_gflops / 1e6;
         fprintf(out, " %" PRId64 " | %.1f |\n", f->busiest_rows, gemm_ms);
     }
+
+    /* The default forward at --ranks, against its two alternatives. */
+    const struct moe_bench_forward *main_row = NULL;
+    for (int i = 0; i < res->forward_count; i++)
+        if (res->forward[i].ranks == o->ranks)
+            main_row = &res->forward[i];
+    if (main_row && res->overlap_off.steps_best_ms > 0 && res->rings.steps_best_ms > 0) {
+        fprintf(out,
+            "\nThe steady forward at %d ranks with each exchange, best and median "
+            "in ms, and the best against the default's. *Overlap off* makes every "
+            "expert wait for all of its rank's rows, where the default starts each "
+            "expert once its own rows are in; the difference is what the overlap "
+            "gains.\n\n"
+            "| exchange | best, ms | median, ms | best / default | dispatch | compute "
+            "| combine |\n|---|---|---|---|---|---|---|\n", o->ranks);
+        const struct moe_bench_forward *rows[] = {main_row, &res->overlap_off, &res->rings};
+        static const char *const names[] = {"direct (default)", "direct, overlap off",
+                                            "rings"};
+        for (int i = 0; i < 3; i++)
+            fprintf(out, "| %s | %.1f | %.1f | %.3f | %.1f (%.1f) | %.1f (%.1f) "
+                    "| %.1f (%.1f) |\n", names[i], rows[i]->steps_best_ms,
+                    rows[i]->steps_median_ms, rows[i]->steps_best_ms / main_row->steps_best_ms,
+                    rows[i]->step_ms[DISPATCH_COLUMN], rows[i]->wait_ms[DISPATCH_COLUMN],
+                    rows[i]->step_ms[COMPUTE_COLUMN], rows[i]->wait_ms[COMPUTE_COLUMN],
+                    rows[i]->step_ms[COMBINE_COLUMN], rows[i]->wait_ms[COMBINE_COLUMN]);
+    }
     fprintf(out, "\n");
 }
 
@@ -472,6 +500,15 @@ int moe_bench_measure_forward(const struct moe_bench_options *o,
     res->forward_count = forward_rank_counts(o->ranks, counts);
     for (int i = 0; i < res->forward_count && rc == 0; i++)
         rc = forward_at(o, &input, counts[i], &res->forward[i]);
+    struct moe_dist_input wait_all = input;
+    wait_all.wait_all_rows = 1;
+    static const struct forward_mode cached = {0}, rings = {.rings = 1};
+    res->overlap_off = (struct moe_bench_forward){.ranks = o->ranks};
+    res->rings = (struct moe_bench_forward){.ranks = o->ranks};
+    if (rc == 0)
+        rc = forward_steady(o, &wait_all, o->ranks, &cached, &res->overlap_off, NULL);
+    if (rc == 0)
+        rc = forward_steady(o, &input, o->ranks, &rings, &res->rings, NULL);
     free(tokens);
     moe_weights_free(&weights);
     return rc;

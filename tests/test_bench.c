@@ -398,6 +398,7 @@ Test(bench_run, quick_report_and_markdown, .timeout = 60)
         "# moe-ep benchmarks", "## Targets", "## Machine", "## Floors",
         "### memcpy", "### Streaming read", "## Forward", "## Decode",
         "## Scaling", "## All-to-all", "1 token", "`moe_alltoallv_direct`",
+        "| direct (default) | ", "| direct, overlap off | ", "| rings | ",
     };
     for (size_t i = 0; i < sizeof sections / sizeof sections[0]; i++)
         cr_expect(strstr(printed, sections[i]) != NULL,
@@ -405,6 +406,21 @@ Test(bench_run, quick_report_and_markdown, .timeout = 60)
     check_decode(printed, o.experts, o.top_k);
     check_scaling(printed, o.tokens);
     check_direct(printed);
+    /* Each exchange's best forward is positive, and the default's ratio to
+     * itself is 1. */
+    static const char *const exchanges[] = {"| direct (default) | ",
+                                            "| direct, overlap off | ", "| rings | "};
+    for (int i = 0; i < 3; i++) {
+        const char *row = strstr(printed, exchanges[i]);
+        double best = 0, median = 0, ratio = 0;
+        cr_assert_not_null(row, "no row '%s'", exchanges[i]);
+        cr_assert_eq(sscanf(row + strlen(exchanges[i]), "%lf | %lf | %lf", &best, &median,
+                            &ratio), 3, "row '%s' does not parse", exchanges[i]);
+        cr_expect(best > 0 && median >= best, "%s best %g, median %g", exchanges[i],
+                  best, median);
+        if (i == 0)
+            cr_expect_float_eq(ratio, 1.0, 1e-9, "the default's ratio is %g", ratio);
+    }
     cr_expect_eq(out_bytes, file_bytes, "stdout has %zu bytes, the file %zu",
                  out_bytes, file_bytes);
     cr_expect(memcmp(printed, written, out_bytes) == 0,
