@@ -9,6 +9,7 @@
 #include "moe_error.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -19,6 +20,8 @@
  * outnumber cores: a few microseconds of pause instructions, short enough
  * not to matter when the peer needs this core. */
 enum { SPIN_POLLS = 64 };
+/* Yields before a sleep when ranks outnumber cores. */
+enum { YIELD_ROUNDS = 8 };
 /* Longest single sleep, so that the abort flag, the deadline and the
  * launcher's liveness are rechecked even if a wake-up is missed. */
 static const int64_t SLEEP_SLICE_NS = 50 * 1000 * 1000;
@@ -203,6 +206,15 @@ int moe_doorbell_wait(struct moe_segment_header *h, int rank, uint32_t seen,
             moe_cpu_relax();
         }
     } while (spin_until && moe_now_ns() < spin_until);
+
+    /* More ranks than cores: give the core to another rank a few times
+     * before sleeping, since the peer this rank waits for may be the one
+     * waiting for this core, and a yield costs less than a futex wake. */
+    for (int i = 0; spin_ns == 0 && i < YIELD_ROUNDS; i++) {
+        sched_yield();
+        if (atomic_load_explicit(&slot->doorbell, memory_order_acquire) != seen)
+            return 0;
+    }
 
     if (atomic_load_explicit(&h->abort_flag, memory_order_acquire))
         return -ECANCELED;
