@@ -98,6 +98,27 @@ void moe_comm_set_step(struct moe_comm *comm, int step)
     comm->step = step;
 }
 
+/* Looks at the oldest record from peer s and checks that it belongs to
+ * the call with `tag`. Returns 0, -EAGAIN when there is none, or an error
+ * naming the peer. */
+static int peek_tagged(struct moe_comm *c, int s, uint32_t tag,
+                       struct moe_ring_record *record)
+{
+    int rc = moe_ring_peek(&c->from[s], record);
+    if (rc == -EAGAIN)
+        return rc;
+    if (rc)
+        return moe_fail(rc, "rank %d: rank %d wrote an invalid record or "
+                        "head index in %s: %s", c->rank, s,
+                        moe_step_name(c->step), moe_error_message());
+    if (record->tag != tag)
+        return moe_fail(-EPROTO, "rank %d: record from rank %d in %s has "
+                        "tag %" PRIu32 ", expected %" PRIu32
+                        " (the ranks called different collectives)",
+                        c->rank, s, moe_step_name(c->step), record->tag, tag);
+    return 0;
+}
+
 /* Drains every complete record from peer s into recv. Returns the number of
  * records consumed or a negative error. */
 static int drain_peer(struct moe_comm *c, int s, uint32_t tag, uint8_t *dst,
@@ -106,18 +127,11 @@ static int drain_peer(struct moe_comm *c, int s, uint32_t tag, uint8_t *dst,
     int consumed = 0;
     while (c->received[s] < expected) {
         struct moe_ring_record record;
-        int rc = moe_ring_peek(&c->from[s], &record);
+        int rc = peek_tagged(c, s, tag, &record);
         if (rc == -EAGAIN)
             break;
         if (rc)
-            return moe_fail(rc, "rank %d: rank %d wrote an invalid record or "
-                            "head index in %s: %s", c->rank, s,
-                            moe_step_name(c->step), moe_error_message());
-        if (record.tag != tag)
-            return moe_fail(-EPROTO, "rank %d: record from rank %d in %s has "
-                            "tag %" PRIu32 ", expected %" PRIu32
-                            " (the ranks called different collectives)",
-                            c->rank, s, moe_step_name(c->step), record.tag, tag);
+            return rc;
         if (record.length > expected - c->received[s])
             return moe_fail(-EPROTO, "rank %d: record from rank %d in %s has "
                             "length %" PRIu32 ", but only %" PRIu64
@@ -389,18 +403,11 @@ static int drain_notes(struct moe_comm *c, int s)
      * next call, which may already have started. */
     while (c->notes_got[s] < c->notes_per_source) {
         struct moe_ring_record record;
-        int rc = moe_ring_peek(&c->from[s], &record);
+        int rc = peek_tagged(c, s, tag, &record);
         if (rc == -EAGAIN)
             break;
         if (rc)
-            return moe_fail(rc, "rank %d: rank %d wrote an invalid record or "
-                            "head index in %s: %s", c->rank, s,
-                            moe_step_name(c->step), moe_error_message());
-        if (record.tag != tag)
-            return moe_fail(-EPROTO, "rank %d: record from rank %d in %s has "
-                            "tag %" PRIu32 ", expected %" PRIu32
-                            " (the ranks called different collectives)",
-                            c->rank, s, moe_step_name(c->step), record.tag, tag);
+            return rc;
         if (record.length != sizeof(uint64_t))
             return moe_fail(-EPROTO, "rank %d: note from rank %d in %s has "
                             "length %" PRIu32 ", expected %zu", c->rank, s,

@@ -850,6 +850,21 @@ static void dump_combine(const struct moe_dist_rank *f, void *area, int64_t kept
                f->shared_out, (size_t)(n * H) * sizeof(float));
 }
 
+/* The end of the combine: each token's weighted sum of the rows in
+ * slot_rows, plus the shared expert's row, into the run area's output. */
+static void sum_slots(struct moe_dist_rank *f, int64_t kept_rows)
+{
+    const struct moe_shape *s = &f->input->weights->shape;
+    int64_t H = s->hidden, n = f->tokens;
+    struct moe_run_area *run = f->area;
+    float *out = moe_run_area_output(f->area) + f->token_first * H;
+    moe_combine(n, H, s->top_k, f->weights, f->slot_rows, out);
+    if (f->shared_out)
+        moe_add_shared(out, f->shared_out, n, H);
+    if (run->dump)
+        dump_combine(f, f->area, kept_rows);
+}
+
 /* Dispatch, compute and combine through the rings: the rows travel in
  * ring records, twice, and are reordered between source-major and
  * expert-major on the owner. */
@@ -927,12 +942,7 @@ static int exchange_rings(struct moe_dist_rank *f, const float *x)
             f->slot_rows[i] = NULL; /* a dropped slot adds nothing */
         for (int64_t i = 0; i < kept_rows; i++)
             f->slot_rows[f->order[i]] = f->send_rows + i * H;
-        float *out = moe_run_area_output(area) + f->token_first * H;
-        moe_combine(n, H, K, f->weights, f->slot_rows, out);
-        if (f->shared_out)
-            moe_add_shared(out, f->shared_out, n, H);
-        if (run->dump)
-            dump_combine(f, area, kept_rows);
+        sum_slots(f, kept_rows);
     }
     end_step(f, MOE_STEP_COMBINE);
     return rc;
@@ -1149,12 +1159,7 @@ static int exchange_direct(struct moe_dist_rank *f, const float *x)
             for (int64_t j = 0; j < f->kept_counts[me * E + e]; j++, i++)
                 f->slot_rows[f->order[i]] = rows + j * H;
         }
-        float *out = moe_run_area_output(area) + f->token_first * H;
-        moe_combine(n, H, K, f->weights, f->slot_rows, out);
-        if (f->shared_out)
-            moe_add_shared(out, f->shared_out, n, H);
-        if (run->dump)
-            dump_combine(f, area, kept_rows);
+        sum_slots(f, kept_rows);
     }
     end_step(f, MOE_STEP_COMBINE);
     return rc;
