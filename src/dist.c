@@ -98,9 +98,13 @@ static uint64_t layout_run_area(struct moe_run_area *a, const struct moe_shape *
         at += align64((uint64_t)ranks * trace_capacity * sizeof(struct moe_trace_event));
     }
     if (spec->windows) {
-        /* Rows of T x K floats fit below the limit checked above. */
-        a->window_rows = (int64_t)(T * K);
-        a->window_stride = align64(T * K * H * sizeof(float));
+        /* A rank receives at most one row per token for each expert it
+         * owns, and T x K rows in all; that many floats fit below the
+         * limit checked above. */
+        uint64_t owned_max = (E + (uint64_t)ranks - 1) / (uint64_t)ranks;
+        uint64_t rows = T * (owned_max < K ? owned_max : K);
+        a->window_rows = (int64_t)rows;
+        a->window_stride = align64(rows * H * sizeof(float));
         a->window_offset = at;
         if (a->window_stride > limit / 2 / (uint64_t)ranks)
             return 0;

@@ -59,8 +59,8 @@ static void *create_segment(struct moe_launch *launch, uint64_t bytes)
     if (fstatvfs(fd, &room) == 0 &&
         (uint64_t)room.f_bavail * room.f_frsize < bytes) {
         moe_fail(-ENOSPC, "shared memory has %llu MiB free but the segment needs "
-                 "%llu MiB; use fewer --ranks, a smaller --ring-size or fewer "
-                 "tokens, or enlarge /dev/shm",
+                 "%llu MiB; use fewer --ranks, a smaller --ring-size, fewer "
+                 "tokens or --exchange rings (no windows), or enlarge /dev/shm",
                  (unsigned long long)room.f_bavail * room.f_frsize >> 20,
                  (unsigned long long)bytes >> 20);
     } else if (ftruncate(fd, (off_t)bytes) != 0) {
