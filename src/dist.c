@@ -1056,9 +1056,10 @@ static int compute_when_ready(struct moe_dist_rank *f)
         for (int src = 0; src < R; src++) {
             uint64_t told = f->notes[(uint64_t)src * (uint64_t)f->experts + (uint64_t)j];
             if (src != me && told != (uint64_t)f->kept_counts[src * E + e])
-                return moe_fail(-EPROTO, "rank %d: rank %d wrote %" PRIu64 " rows "
+                return moe_fail(-EPROTO, "rank %d: rank %d wrote %" PRIu64 " row%s "
                                 "for expert %" PRId64 ", but the layout says %" PRId64,
-                                me, src, told, e, f->kept_counts[src * E + e]);
+                                me, src, told, told == 1 ? "" : "s", e,
+                                f->kept_counts[src * E + e]);
         }
         int64_t rows = rows_of_expert(f, E, e), start = moe_now_ns();
         moe_expert_run(in->weights, e, input + f->expert_base[e] * H, rows, f->scratch,
@@ -1149,9 +1150,9 @@ static int exchange_direct(struct moe_dist_rank *f, const float *x)
         for (int64_t e = first; e < first + count; e++)
             rows += f->kept_counts[me * E + e];
         if (owner != me && f->notes[owner] != (uint64_t)rows)
-            rc = moe_fail(-EPROTO, "rank %d: rank %d computed %" PRIu64 " rows for "
+            rc = moe_fail(-EPROTO, "rank %d: rank %d computed %" PRIu64 " row%s for "
                           "this rank, but the layout says %" PRId64, me, owner,
-                          f->notes[owner], rows);
+                          f->notes[owner], f->notes[owner] == 1 ? "" : "s", rows);
     }
     if (rc == 0) {
         for (int64_t i = 0; i < n * K; i++)
