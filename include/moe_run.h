@@ -52,6 +52,7 @@ struct moe_run_options {
     int overlap;              /* --overlap off: 0, so the direct exchange
                                  waits for all rows before computing */
     int threads;              /* --threads N, or 0 for moe_blas_threads_auto */
+    int exchange_given;       /* --exchange or --overlap was on the command line */
     int ranks_given;          /* --ranks was on the command line */
     /* Set by the MPI driver: this process loads only the experts that rank
      * slice_rank of slice_ranks owns. slice_ranks 0 loads all. */

@@ -110,7 +110,7 @@ void moe_run_usage(FILE *out)
         "                    last forward into DIR, created if missing\n"
         "  --transport T     shm (rank processes on this machine) or mpi (one\n"
         "                    rank per process of `mpirun -np R moe-ep run ...`,\n"
-        "                    where --ranks is not used) [shm]\n"
+        "                    where --ranks, --exchange and --overlap are not used) [shm]\n"
         "  --check on|off    run the golden check; off for layers too big for\n"
         "                    one process [on]\n"
         "  --exchange X      direct: each sender writes its rows into the owner's\n"
@@ -185,11 +185,13 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
         } else if (!strcmp(flag, "--overlap")) {
             if ((rc = moe_parse_on_off(flag, text, &o->overlap)))
                 return rc;
+            o->exchange_given = 1;
         } else if (!strcmp(flag, "--exchange")) {
             if (strcmp(text, "direct") && strcmp(text, "rings"))
                 return moe_fail(-EINVAL, "invalid --exchange value '%s': expected direct "
                                 "or rings", text);
             o->exchange_rings = !strcmp(text, "rings");
+            o->exchange_given = 1;
         } else if (!strcmp(flag, "--tokens")) {
             if ((rc = moe_parse_int64(flag, text, 1, MAX_TOKENS, &o->shape.tokens)))
                 return rc;
@@ -309,6 +311,9 @@ int moe_run_parse(struct moe_run_options *o, int argc, char **argv)
     if (o->transport == MOE_TRANSPORT_MPI && o->ranks_given)
         return moe_fail(-EINVAL, "invalid --ranks with --transport mpi: mpirun -np "
                         "sets the rank count");
+    if (o->transport == MOE_TRANSPORT_MPI && o->exchange_given)
+        return moe_fail(-EINVAL, "invalid --exchange or --overlap with --transport mpi: "
+                        "MPI moves the rows in its own messages");
     if (o->exchange_rings && !o->overlap)
         return moe_fail(-EINVAL, "invalid --overlap off with --exchange rings: only the "
                         "direct exchange starts experts before all rows are in");
