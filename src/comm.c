@@ -242,6 +242,11 @@ static int waiter_next(struct moe_comm *c, struct waiter *w, const struct wait_r
         w->suspect = -1;
     }
     if (progress) {
+        /* Ranks that keep feeding each other never sleep, so check the
+         * abort flag here too. */
+        if (atomic_load_explicit(&seg->abort_flag, memory_order_acquire))
+            return moe_fail(-ECANCELED, "rank %d: stopped in %s because the run "
+                            "was aborted", c->rank, moe_step_name(c->step));
         w->deadline = moe_now_ns() + w->timeout_ns;
         return 0;
     }

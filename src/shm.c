@@ -212,6 +212,10 @@ int moe_doorbell_wait(struct moe_segment_header *h, int rank, uint32_t seen,
      * waiting for this core, and a yield costs less than a futex wake. */
     for (int i = 0; spin_ns == 0 && i < YIELD_ROUNDS; i++) {
         sched_yield();
+        /* A yield can last a time slice, in which peers that have not seen
+         * the abort yet may ring the doorbell, so check the flag first. */
+        if (atomic_load_explicit(&h->abort_flag, memory_order_acquire))
+            return -ECANCELED;
         if (atomic_load_explicit(&slot->doorbell, memory_order_acquire) != seen)
             return 0;
     }
