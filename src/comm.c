@@ -167,7 +167,7 @@ static int process_exited(int32_t pid)
     return after && after[1] == ' ' && (after[2] == 'Z' || after[2] == 'X');
 }
 
-/* What a waiting call is waiting for: whether peer p still owes this rank
+/* The condition of a waiting call: whether peer p still owes this rank
  * something (or is owed), and the timeout message. */
 struct wait_rule {
     int (*pending)(const struct moe_comm *c, int p, const void *ctx);

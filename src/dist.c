@@ -99,7 +99,7 @@ static uint64_t layout_run_area(struct moe_run_area *a, const struct moe_shape *
     }
     if (spec->windows) {
         /* A rank receives at most one row per token for each expert it
-         * owns, and T x K rows in all; that many floats fit below the
+         * owns, and T x K rows in all. That many floats fit below the
          * limit checked above. */
         uint64_t owned_max = (E + (uint64_t)ranks - 1) / (uint64_t)ranks;
         uint64_t rows = T * (owned_max < K ? owned_max : K);

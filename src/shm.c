@@ -20,7 +20,7 @@
  * outnumber cores: a few microseconds of pause instructions, short enough
  * not to matter when the peer needs this core. */
 enum { SPIN_POLLS = 64 };
-/* Yields before a sleep when ranks outnumber cores. */
+/* Number of yields before a sleep when ranks outnumber cores. */
 enum { YIELD_ROUNDS = 8 };
 /* Longest single sleep, so that the abort flag, the deadline and the
  * launcher's liveness are rechecked even if a wake-up is missed. */
