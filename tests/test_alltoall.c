@@ -16,6 +16,7 @@
  */
 #include "moe_error.h"
 #include "moe_launch.h"
+#include "test_program.h"
 #include "test_util.h"
 
 #include <dirent.h>
@@ -393,23 +394,6 @@ static int rank_main(struct moe_comm *comm, void *arg)
     return moe_fail(-EINVAL, "rank %d: unknown scenario %d", me, c->scenario);
 }
 
-/* Counts /dev/shm entries named moe-ep-PID-* for this process. */
-static int count_own_segments(void)
-{
-    char prefix[32];
-    snprintf(prefix, sizeof prefix, "moe-ep-%ld-", (long)getpid());
-    DIR *dir = opendir("/dev/shm");
-    if (!dir)
-        return -1;
-    int count = 0;
-    struct dirent *entry;
-    while ((entry = readdir(dir)) != NULL)
-        if (strncmp(entry->d_name, prefix, strlen(prefix)) == 0)
-            count++;
-    closedir(dir);
-    return count;
-}
-
 /* Creates a segment, runs rank_main on `ranks` ranks, copies out what the
  * test needs and destroys the segment. */
 static void run_case(const struct case_config *c, int ranks, int64_t timeout_ns,
@@ -439,10 +423,10 @@ static void run_case(const struct case_config *c, int ranks, int64_t timeout_ns,
         moe_launch_describe(&launch, r, report->description[r],
                             sizeof report->description[r]);
     memcpy(&report->app, moe_segment_app(launch.segment), sizeof report->app);
-    report->segments_after_run = count_own_segments();
+    report->segments_after_run = own_segment_count();
 
     moe_launch_destroy(&launch);
-    report->leftover_segments = count_own_segments();
+    report->leftover_segments = own_segment_count();
 }
 
 /* Asserts that the launcher unlinked the segment's name once every rank had

@@ -13,6 +13,7 @@
  */
 #include "moe_error.h"
 #include "moe_launch.h"
+#include "test_program.h"
 
 #include <criterion/criterion.h>
 #include <dirent.h>
@@ -244,22 +245,6 @@ static int rank_main(struct moe_comm *comm, void *arg)
     return rc;
 }
 
-static int count_own_segments(void)
-{
-    char prefix[32];
-    snprintf(prefix, sizeof prefix, "moe-ep-%ld-", (long)getpid());
-    DIR *dir = opendir("/dev/shm");
-    if (!dir)
-        return -1;
-    int count = 0;
-    struct dirent *entry;
-    while ((entry = readdir(dir)) != NULL)
-        if (strncmp(entry->d_name, prefix, strlen(prefix)) == 0)
-            count++;
-    closedir(dir);
-    return count;
-}
-
 struct report {
     int rc;
     int failed_rank;
@@ -286,7 +271,7 @@ static void run_case(const struct case_config *c, int ranks, uint64_t ring_capac
     out->failed_rank = launch.failed_rank;
     memcpy(&out->app, moe_segment_app(launch.segment), sizeof out->app);
     moe_launch_destroy(&launch);
-    out->leftover_segments = count_own_segments();
+    out->leftover_segments = own_segment_count();
 }
 
 static void expect_all_ok(const struct report *r, int ranks, uint64_t blocks_per_rank)

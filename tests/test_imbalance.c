@@ -23,30 +23,6 @@ static void temp_path(char *buf, size_t size, const char *name)
     snprintf(buf, size, "/tmp/moe-ep-imbalance-%ld-%s", (long)getpid(), name);
 }
 
-/* Reads a whole file; the caller frees it. */
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    cr_assert_not_null(f, "open %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *text = malloc((size_t)n + 1);
-    cr_assert_eq(fread(text, 1, (size_t)n, f), (size_t)n);
-    text[n] = '\0';
-    fclose(f);
-    return text;
-}
-
-static cJSON *read_json(const char *path)
-{
-    char *text = slurp(path);
-    cJSON *root = cJSON_Parse(text);
-    cr_assert_not_null(root, "%s is not valid JSON", path);
-    free(text);
-    return root;
-}
-
 /* Dropping keeps the output bitwise equal to the golden path on every
  * rank count, under both policies and with every exchange, and the output
  * file is the same bytes for every rank count and exchange. */

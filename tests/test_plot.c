@@ -448,29 +448,6 @@ static void remove_tree(const char *path)
     cr_assert_eq(system(command), 0);
 }
 
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    cr_assert_not_null(f, "open %s: %s", path, strerror(errno));
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *text = malloc((size_t)n + 1);
-    cr_assert_eq(fread(text, 1, (size_t)n, f), (size_t)n);
-    text[n] = '\0';
-    fclose(f);
-    return text;
-}
-
-static cJSON *read_json(const char *path)
-{
-    char *text = slurp(path);
-    cJSON *root = cJSON_Parse(text);
-    cr_assert_not_null(root, "%s is not valid JSON", path);
-    free(text);
-    return root;
-}
-
 /* Parses dir/name and checks that it is an SVG document. */
 static void load_svg(const char *dir, const char *name, struct xml_doc *d)
 {

@@ -10,13 +10,16 @@
 
 #include "test_util.h"
 
+#include <cJSON.h>
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -45,6 +48,50 @@ static inline void read_file(const char *path, char *buf, size_t size)
     size_t n = fread(buf, 1, size - 1, f);
     buf[n] = '\0';
     fclose(f);
+}
+
+/* Reads a whole file into a NUL-terminated string; the caller frees it. */
+static inline char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "open %s: %s", path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = malloc((size_t)n + 1);
+    cr_assert_not_null(text);
+    cr_assert_eq(fread(text, 1, (size_t)n, f), (size_t)n);
+    text[n] = '\0';
+    fclose(f);
+    return text;
+}
+
+/* Parses a JSON file; the caller deletes the result. */
+static inline cJSON *read_json(const char *path)
+{
+    char *text = slurp(path);
+    cJSON *root = cJSON_Parse(text);
+    cr_assert_not_null(root, "%s is not valid JSON", path);
+    free(text);
+    return root;
+}
+
+/* Counts the /dev/shm/moe-ep-PID-* names of this process, for tests that
+ * launch ranks in-process. */
+static inline int own_segment_count(void)
+{
+    char prefix[32];
+    snprintf(prefix, sizeof prefix, "moe-ep-%ld-", (long)getpid());
+    DIR *dir = opendir("/dev/shm");
+    if (!dir)
+        return -1;
+    int count = 0;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL)
+        if (strncmp(entry->d_name, prefix, strlen(prefix)) == 0)
+            count++;
+    closedir(dir);
+    return count;
 }
 
 /* Counts leaked moe-ep segments in /dev/shm: those whose launcher, named
