@@ -283,31 +283,41 @@ static int gemm_rank_main(struct moe_comm *comm, void *arg)
     return rc;
 }
 
-/* Measures `cores` single-threaded processes running expert calls at once.
- * per_call_ns receives, per loop, the slowest process's time per call. */
-static int sgemm_processes(const struct gemm_plan *plan, int cores,
-                           double *per_call_ns)
+/* Runs `rank_main` in `cores` processes at once with a bench area, and
+ * fills per_loop_ns with the slowest process's time of each of `repeats`
+ * loops. `what` names the figure in errors. */
+static int run_processes(int cores, int (*rank_main)(struct moe_comm *, void *),
+                         void *arg, const char *what, int repeats, double *per_loop_ns)
 {
-    struct gemm_plan local = *plan;
     struct moe_launch launch;
     struct moe_launch_config config = {
         .ranks = cores,
         .ring_capacity = 4096,
         .app_bytes = sizeof(struct moe_bench_area),
         .timeout_ns = 60LL * 1000 * 1000 * 1000,
-        .rank_main = gemm_rank_main,
-        .arg = &local,
+        .rank_main = rank_main,
+        .arg = arg,
     };
     int rc = moe_launch_create(&launch, &config);
     if (rc)
         return rc;
     struct moe_bench_area *area = moe_segment_app(launch.segment);
     area->magic = MOE_BENCH_AREA_MAGIC;
-    rc = moe_bench_launch(&launch, "the all-core sgemm figure");
+    rc = moe_bench_launch(&launch, what);
     if (rc == 0)
-        moe_bench_area_per_call(area, 0, cores, plan->repeats, per_call_ns);
+        moe_bench_area_per_call(area, 0, cores, repeats, per_loop_ns);
     moe_launch_destroy(&launch);
     return rc;
+}
+
+/* Measures `cores` single-threaded processes running expert calls at once.
+ * per_call_ns receives, per loop, the slowest process's time per call. */
+static int sgemm_processes(const struct gemm_plan *plan, int cores,
+                           double *per_call_ns)
+{
+    struct gemm_plan local = *plan;
+    return run_processes(cores, gemm_rank_main, &local, "the all-core sgemm figure",
+                         plan->repeats, per_call_ns);
 }
 
 /* Converts per-call times of `flops` each into the best and median rate. */
@@ -658,30 +668,15 @@ static int read_processes(const struct moe_bench_options *o, int cores,
         .bytes_per_process = read_total_bytes(o) / (uint64_t)cores / 64 * 64,
         .repeats = o->repeats,
     };
-    struct moe_launch launch;
-    struct moe_launch_config config = {
-        .ranks = cores,
-        .ring_capacity = 4096,
-        .app_bytes = sizeof(struct moe_bench_area),
-        .timeout_ns = 60LL * 1000 * 1000 * 1000,
-        .rank_main = read_rank_main,
-        .arg = &plan,
-    };
-    int rc = moe_launch_create(&launch, &config);
-    if (rc)
-        return rc;
-    struct moe_bench_area *area = moe_segment_app(launch.segment);
-    area->magic = MOE_BENCH_AREA_MAGIC;
-    rc = moe_bench_launch(&launch, "the all-core read figure");
+    double per_pass_ns[MOE_BENCH_MAX_REPEATS];
+    int rc = run_processes(cores, read_rank_main, &plan, "the all-core read figure",
+                           o->repeats, per_pass_ns);
     if (rc == 0) {
-        double per_pass_ns[MOE_BENCH_MAX_REPEATS];
-        moe_bench_area_per_call(area, 0, cores, o->repeats, per_pass_ns);
         double bytes = (double)plan.bytes_per_process * cores;
         /* Bytes per ns are GB/s. */
         *best = bytes / moe_bench_min(per_pass_ns, o->repeats);
         *median = bytes / moe_bench_median(per_pass_ns, o->repeats);
     }
-    moe_launch_destroy(&launch);
     return rc;
 }
 
