@@ -78,8 +78,8 @@ int moe_alltoallv(struct moe_comm *comm, const void *send,
 /* Notes: small ring records for exchanges whose data moves outside the
  * rings. A note is one uint64 value sent to one peer, tagged with the
  * current exchange's sequence number. The data itself is written straight
- * into the receiver's memory in the segment (its window), and the note says
- * that a part of it is complete. So each byte crosses once, while the
+ * into the receiver's memory in the segment (its window), and the note
+ * marks a part of it as complete. So each byte crosses once, while the
  * rings still carry every message between the ranks.
  *
  * moe_notes_begin() starts an exchange: it takes the next sequence number
@@ -88,7 +88,7 @@ int moe_alltoallv(struct moe_comm *comm, const void *send,
  * rank d; when the ring is full it waits for room, draining incoming notes
  * meanwhile so that two ranks sending to each other cannot deadlock.
  * moe_notes_wait() returns when at least need[s] notes have come from every
- * rank s (need[me] is ignored). c->notes_got[s] says how many have come.
+ * rank s (need[me] is ignored). c->notes_got[s] counts those that came.
  * Both return 0, -EPROTO (a record with the wrong tag or length),
  * -ETIMEDOUT or -ECANCELED. A peer may start its next exchange before this
  * rank has finished, so records after the per_source-th are left for the
@@ -98,12 +98,12 @@ int moe_notes_begin(struct moe_comm *comm, uint64_t *store, uint64_t per_source)
 int moe_notes_send(struct moe_comm *comm, int d, uint64_t value);
 int moe_notes_wait(struct moe_comm *comm, const uint64_t *need);
 
-/* All-to-all that writes each block straight into its receiver's memory:
- * this rank copies send_bytes[d] bytes from send + send_offsets[d] to
+/* All-to-all that writes each block straight into its receiver's memory.
+ * This rank copies send_bytes[d] bytes from send + send_offsets[d] to
  * dst[d], a pointer into rank d's part of the segment as mapped in this
  * process, then sends d a note with the byte count. It returns when every
- * peer s has sent a note whose count equals recv_bytes[s]; the receiver's
- * own buffer then holds the data at the places its peers were told.
+ * peer s has sent a note whose count equals recv_bytes[s]. This rank's own
+ * buffer then contains the data at the places its peers wrote to.
  * Each byte is copied once. The caller keeps a peer from overwriting a
  * block before its receiver is done with it: the next exchange into the
  * same place must follow a collective that the receiver enters only when

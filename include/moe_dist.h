@@ -113,9 +113,9 @@ struct moe_run_area {
      * window (rows pushed to its experts, expert-major) at
      * window_offset + 2r x window_stride, and its output window (its
      * experts' output rows, in the same order) one stride later. Each
-     * holds window_rows rows of H floats, the most one rank can be sent:
-     * T x min(K, ceil(E / R)), since an expert gets at most one row per
-     * token. */
+     * has room for window_rows rows of H floats, the most one rank can be
+     * sent: T x min(K, ceil(E / R)), since an expert gets at most one row
+     * per token. */
     uint64_t window_offset;
     uint64_t window_stride;
     int64_t window_rows;    /* 0 without windows */

@@ -559,7 +559,7 @@ int moe_alltoallv_direct(struct moe_comm *c, const void *send,
         return moe_fail(-EINVAL, "rank %d: in %s, %" PRIu64 " bytes sent to "
                         "itself but %" PRIu64 " expected", me,
                         moe_step_name(c->step), send_bytes[me], recv_bytes[me]);
-    /* c->received holds one note per peer: the byte count it wrote. */
+    /* c->received stores one note per peer: the byte count it wrote. */
     moe_notes_begin(c, c->received, 1);
     if (send_bytes[me])
         memcpy(dst[me], base + send_offsets[me], send_bytes[me]);

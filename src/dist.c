@@ -1130,8 +1130,8 @@ static int exchange_direct(struct moe_dist_rank *f, const float *x)
         reorder_rows(f, E, H, recv_first_row, dump, window_of(f, me, 0), 0);
     }
 
-    /* Combine: tell each source that its rows are done, wait until every
-     * owner has said so, and sum each token's rows from the owners'
+    /* Combine: send each source a note that its rows are done, wait for
+     * the note of every owner, and sum each token's rows from the owners'
      * output windows. */
     begin_step(f, MOE_STEP_COMBINE);
     rc = moe_transport_notes_begin(t, f->notes, 1);

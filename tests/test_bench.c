@@ -667,7 +667,7 @@ Test(bench_peers, quick_run_has_figures_or_reasons, .timeout = 300)
     build_paths(program, script);
     /* Under LeakSanitizer, the mpirun job's ranks match Open MPI's own
      * allocations to tools/lsan.supp only with the slow unwinder, which
-     * sees the frames of components that MPI_Finalize has unloaded. */
+     * finds the frames of components that MPI_Finalize has unloaded. */
     const char *asan = getenv("ASAN_OPTIONS");
     char asan_options[1024];
     snprintf(asan_options, sizeof asan_options, "%s%sfast_unwind_on_malloc=0",

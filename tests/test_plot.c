@@ -913,7 +913,7 @@ Test(plot, mpi_rank_0_writes_pictures, .timeout = 120)
     program_path(program, sizeof program);
     /* mpirun rejects root unless two variables confirm it, and `timeout`
      * ends a hung job. Under LeakSanitizer, Open MPI's own allocations are
-     * matched by tools/lsan.supp only with the slow unwinder, which sees
+     * matched by tools/lsan.supp only with the slow unwinder, which finds
      * the frames of components that MPI_Finalize has unloaded. */
     const char *asan = getenv("ASAN_OPTIONS");
     snprintf(command, sizeof command,
